@@ -924,7 +924,7 @@ def policy_update(policy, ref_model, optimizer, rollouts: Rollouts, advantages, 
     params = [p for p in policy.parameters() if p.requires_grad]
     sums = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "ratio_mean": 0.0, "entropy": 0.0}
     skipped, grad_norm = 0, float("nan")
-    for inner in range(cfg.num_inner_updates):
+    for _ in range(cfg.num_inner_updates):
         optimizer.zero_grad(set_to_none=True)
         loss_total = 0.0
         for s in slices:
@@ -958,8 +958,9 @@ def grpo_step(step: int, cfg: GRPOConfig, policy, ref_model, optimizer, tokenize
     problems = train_problems(cfg, step)
     G = cfg.num_generations
     # 1-2. prompts -> a group of G completions each, in one generate call
-    rollouts = generate_rollouts(policy, tokenizer, prompts_for(tokenizer, problems), G,
-                                 cfg.max_new_tokens, cfg.temperature, end_ids, autocast)
+    prompts = prompts_for(tokenizer, problems)
+    rollouts = generate_rollouts(policy, tokenizer, prompts, G, cfg.max_new_tokens, cfg.temperature,
+                                 end_ids, autocast)
     gen_seconds = time.perf_counter() - start
     # 3. grade, then advantages within each group
     plain = not data.has_chat_template(tokenizer)
@@ -986,7 +987,7 @@ def grpo_step(step: int, cfg: GRPOConfig, policy, ref_model, optimizer, tokenize
     }
     rows = [{"step": step, "question": data.problem_question(problems[i // G]), "completion": text,
              "reward": g.reward, "correct": g.correct, "advantage": float(advantages[i]),
-             "prompt": prompts_for(tokenizer, [problems[i // G]])[0] if i % G == 0 else None}
+             "prompt": prompts[i // G] if i % G == 0 else None}  # once per group: prompts are long
             for i, (text, g) in enumerate(zip(rollouts.texts, grades))]
     return record, rows
 
@@ -1093,6 +1094,8 @@ def main(argv=None) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(usage_text())
         return 0
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)  # `> log.txt` shows each step as it ends
     # Read by PyTorch when CUDA's allocator starts, so set before anything touches CUDA.
     # Expandable segments stop fragmentation OOMs from generate's varying tensor shapes.
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")

