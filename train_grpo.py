@@ -402,8 +402,8 @@ def resolve_model(name: str):
         return str(path), None
     if re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not name.startswith((".", "/")):
         return name, None
-    raise UsageError(f"no model at {name!r}: pass a hub id (org/name), a local folder, a .gguf file, "
-                     f"or --model {BUNDLED_ALIAS} for the bundled SmolLM2-135M-Instruct")
+    raise UsageError(f"no model at {name!r}: train one with python train_grpo.py, or pass a hub id (org/name), "
+                     f"a local folder, a .gguf file, or --model {BUNDLED_ALIAS} for the bundled SmolLM2-135M-Instruct")
 
 
 def load_model_and_tokenizer(name: str, dtype: torch.dtype):
@@ -1104,6 +1104,8 @@ def main(argv=None) -> int:
     except UsageError as err:
         print(f"train_grpo.py: error: {err}", file=sys.stderr)
         return 2
+    if cfg.eval_size < 100:
+        print(f"note: --eval_size {cfg.eval_size} < 100: val accuracy will be too noisy to compare runs")
     if cfg.preset == "cpu" and "--preset" not in " ".join(argv):
         print("No CUDA device: running --preset cpu (bundled SmolLM2-135M, arithmetic, ~15 min). "
               "Pass --preset none for the seed config anyway.")

@@ -84,3 +84,10 @@ def tiny_run_dir(tiny_model_dir, tmp_path_factory):
             "--save_every", "0", "--output_dir", str(out)]
     assert train_grpo.main(args) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_available():
+    from train_grpo import bundled_gguf_path
+
+    return bundled_gguf_path() is not None

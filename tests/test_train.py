@@ -108,6 +108,29 @@ def test_a_previous_run_is_never_silently_overwritten(tiny_model_dir, tmp_path, 
     assert train_grpo.main(tiny_args(tiny_model_dir, tmp_path, "--num_iterations", "1", "--overwrite")) == 0
 
 
+def test_ctrl_c_finishes_the_step_saves_a_checkpoint_and_resume_completes(tiny_model_dir, tmp_path, monkeypatch,
+                                                                          capsys):
+    import signal
+    real = train_grpo.grpo_step
+
+    def interrupted(step, *args, **kwargs):
+        if step == 2:
+            signal.raise_signal(signal.SIGINT)  # as if the user pressed Ctrl-C during step 2
+        return real(step, *args, **kwargs)
+
+    monkeypatch.setattr(train_grpo, "grpo_step", interrupted)
+    args = tiny_args(tiny_model_dir, tmp_path, "--num_iterations", "4", "--save_every", "0")
+    assert train_grpo.main(args) == 0
+    assert "--resume" in capsys.readouterr().out
+    assert [s["step"] for s in steps_of(tmp_path)] == [1, 2]  # step 2 finished, then it stopped
+    assert (tmp_path / "checkpoints" / "step_000002" / "trainer_state.pt").is_file()
+    assert not (tmp_path / "saved_model").exists()
+    monkeypatch.setattr(train_grpo, "grpo_step", real)
+    assert train_grpo.main(args + ["--resume"]) == 0
+    assert [s["step"] for s in steps_of(tmp_path)] == [1, 2, 3, 4]
+    assert (tmp_path / "saved_model").is_dir()
+
+
 def test_non_finite_update_is_skipped_and_counted(tiny_model_dir, tmp_path, monkeypatch):
     real = train_grpo.grpo_loss
 
