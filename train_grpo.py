@@ -13,7 +13,7 @@ How this departs from a textbook policy gradient, and from DeepSeekMath's GRPO:
   3) --loss_type chooses how token losses are averaged (see `grpo_loss`).
 
     python train_grpo.py                        # seed config: Qwen2.5-1.5B-Instruct on CUDA
-    python train_grpo.py --preset cpu           # bundled SmolLM2-135M, ~15 min on 2 CPU cores
+    python train_grpo.py --preset cpu           # bundled SmolLM2-135M, ~17 min on 2 CPU cores
     python train_grpo.py --resume               # continue the run in --output_dir
     python train_grpo.py --help                 # every flag, with its default
 """
@@ -131,7 +131,7 @@ def usage_text() -> str:
     lines = ["usage: python train_grpo.py [--field value ...]", "",
              "Every GRPOConfig field is a flag (defaults = the seed config; --preset cpu for a laptop):"]
     for f in dataclasses.fields(GRPOConfig):
-        lines.append(f"  --{f.name:<24} {str(f.default)!r:<30} {field_help()[f.name]}")
+        lines.append(f"  --{f.name:<24} {f.default!r:<30} {field_help()[f.name]}")
     return "\n".join(lines)
 
 
@@ -1107,7 +1107,7 @@ def main(argv=None) -> int:
     if cfg.eval_size < 100:
         print(f"note: --eval_size {cfg.eval_size} < 100: val accuracy will be too noisy to compare runs")
     if cfg.preset == "cpu" and "--preset" not in " ".join(argv):
-        print("No CUDA device: running --preset cpu (bundled SmolLM2-135M, arithmetic, ~15 min). "
+        print("No CUDA device: running --preset cpu (bundled SmolLM2-135M, arithmetic, ~17 min). "
               "Pass --preset none for the seed config anyway.")
     try:
         train(cfg)
