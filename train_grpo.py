@@ -158,11 +158,9 @@ def parse_args(argv) -> GRPOConfig:
                 value = args.pop(0)
         given[name] = value
     preset = given.get("preset", "")
-    if preset not in CHOICES["preset"]:
-        raise UsageError(f"--preset must be one of {', '.join(p for p in CHOICES['preset'] if p)}, got {preset!r}")
     if preset == "" and not torch.cuda.is_available() and given.get("device") != "cuda":
         preset = "cpu"  # never start the seed's multi-day job on a CPU by accident
-    values = dict(PRESETS.get(preset, {}), preset=preset)
+    values = dict(PRESETS.get(preset, {}))  # an unknown preset is reported by validate()
     for name, text in given.items():
         kind = fields[name].type
         kind = {"int": int, "float": float, "bool": bool, "str": str}.get(kind, kind)
@@ -862,6 +860,15 @@ def load_checkpoint(path: Path, policy, optimizer) -> tuple:
     return state["step"], state["metrics"]
 
 
+def drop_samples_after(path: Path, step: int) -> None:
+    """Keep only sample rows of steps <= `step`, so re-run steps are not written twice."""
+    if path.is_file():
+        lines = path.read_text().splitlines(keepends=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line for line in lines if json.loads(line)["step"] <= step))
+        os.replace(tmp, path)
+
+
 def save_final_model(path: Path, policy, tokenizer, cfg: GRPOConfig) -> None:
     """saved_model/: weights, tokenizer with its chat template, and the run's config."""
     tmp = path.with_name(path.name + ".tmp")
@@ -1042,6 +1049,7 @@ def train(cfg: GRPOConfig) -> dict:
         ckpt = latest_checkpoint(paths.checkpoints)
         start_step, metrics = load_checkpoint(ckpt, policy, optimizer)
         metrics["config"] = dataclasses.asdict(cfg)
+        drop_samples_after(paths.samples, start_step)  # those steps run again
         print(f"resumed from {ckpt} at step {start_step}")
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     val = eval_problems(cfg)
@@ -1056,7 +1064,6 @@ def train(cfg: GRPOConfig) -> dict:
     if start_step == 0:
         run_eval(0)
         write_json_atomic(paths.metrics, metrics)
-    step = start_step
     with StopFlag() as stop, tqdm(total=cfg.num_iterations, initial=start_step, desc="GRPO",
                                   dynamic_ncols=True, file=sys.stderr) as bar:
         for step in range(start_step + 1, cfg.num_iterations + 1):
@@ -1081,7 +1088,6 @@ def train(cfg: GRPOConfig) -> dict:
                     tqdm.write(f"saved {path}; continue with: python train_grpo.py --resume "
                                f"--output_dir {cfg.output_dir}")
                     return metrics
-    plot_metrics.plot_all(metrics, cfg.output_dir)
     save_final_model(paths.saved_model, policy, tokenizer, cfg)
     first, last = metrics["eval"][0], metrics["eval"][-1]
     print(f"done: greedy val accuracy {first['accuracy']:.3f} (step {first['step']}) -> "

@@ -81,6 +81,8 @@ def test_resume_uses_the_latest_checkpoint_not_later_metrics(tiny_model_dir, tmp
     assert train_grpo.main(tiny_args(tiny_model_dir, tmp_path, "--save_every", "2", "--num_iterations", "3",
                                      "--resume")) == 0
     assert [s["step"] for s in steps_of(tmp_path)] == [1, 2, 3]
+    sampled = [json.loads(line)["step"] for line in (tmp_path / "grpo_samples.jsonl").read_text().splitlines()]
+    assert sampled == sorted(sampled) and sampled.count(3) == 2 * 3  # step 3's rows once, not twice
 
 
 def test_plain_prompt_model_trains_too(tiny_plain_model_dir, tmp_path):
