@@ -45,20 +45,11 @@ def training_config(model: str) -> dict:
         return {}
 
 
-def extracted_answer(text: str, plain: bool):
-    from train_grpo import _INTEGER, last_answer
-
-    if plain:
-        m = _INTEGER.search(text)
-        return m.group() if m else None
-    return last_answer(text)
-
-
 def answer_question(model, tokenizer, question: str, args, end_ids) -> tuple:
     """Print the model's answers to one question; return (correct, total, checkable)."""
     import torch
 
-    from train_grpo import generate_rollouts, grade
+    from train_grpo import extract_answer, generate_rollouts, grade
 
     problem = data.parse_question(question)
     plain = not data.has_chat_template(tokenizer)
@@ -70,7 +61,7 @@ def answer_question(model, tokenizer, question: str, args, end_ids) -> tuple:
     print(f"Question: {problem['question'] if problem else question.strip()}")
     correct = 0
     for i, text in enumerate(roll.texts, 1):
-        answer = extracted_answer(text, plain)
+        answer = extract_answer(text, plain)
         if problem is None:
             mark, tail = "?", ""
         else:

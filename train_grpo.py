@@ -322,15 +322,22 @@ def same_integer(a: str, b: str) -> bool:
     return norm(a) == norm(b)
 
 
-def grade_arithmetic(completion: str, answer: str, plain: bool = False) -> Grade:
+def extract_answer(completion: str, plain: bool = False):
+    """The part of a completion that is graded: the last <answer> block, or for
+    base-model prompts ("Q: what is 5 + 3? A:"), which have no tags, the first integer
+    written (as in the first seed). None if there is none."""
     if plain:
-        # Base-model prompts ("Q: what is 5 + 3? A:") have no tags to grade; as in the
-        # first seed, the first integer the model writes is its answer.
         m = _INTEGER.search(completion)
-        correct = m is not None and same_integer(m.group(), answer)
-        return Grade(CORRECT_REWARD if correct else 0.0, correct, False, m is not None)
+        return m.group() if m else None
+    return last_answer(completion)
+
+
+def grade_arithmetic(completion: str, answer: str, plain: bool = False) -> Grade:
+    given = extract_answer(completion, plain)
+    if plain:
+        correct = given is not None and same_integer(given, answer)
+        return Grade(CORRECT_REWARD if correct else 0.0, correct, False, given is not None)
     fmt = format_grade(completion)
-    given = last_answer(completion)
     if given is not None and _INTEGER.fullmatch(given) and same_integer(given, answer):
         return Grade(CORRECT_REWARD, True, fmt.has_think, True)
     return fmt
@@ -520,9 +527,9 @@ def completion_mask_from_ends(completion_ids: torch.Tensor, end_ids) -> tuple:
     """(N, L) mask of real completion tokens, built from positions, not from the pad id:
     pad often equals EOS, and a mask of `ids != pad` would drop the EOS we want to learn.
     Returns (mask, truncated)."""
-    is_end = torch.isin(completion_ids, torch.tensor(end_ids, device=completion_ids.device))
-    positions = torch.arange(completion_ids.shape[1], device=completion_ids.device)  # (L,)
     L = completion_ids.shape[1]
+    is_end = torch.isin(completion_ids, torch.tensor(end_ids, device=completion_ids.device))
+    positions = torch.arange(L, device=completion_ids.device)                      # (L,)
     first_end = torch.where(is_end, positions, L).min(dim=1).values  # (N,) L when none
     mask = positions[None, :] <= first_end[:, None]                   # (N, L)
     return mask, first_end == L
