@@ -108,8 +108,6 @@ def bench_step(args, train_args):
                 "--sample_every", str(10**6), "--output_dir", out, *train_args]
         if "--preset" not in train_args:
             argv += ["--preset", "none"]
-        if args.random:
-            train_grpo.resolve_model = lambda name: (name, None)
         code = train_grpo.main(argv)
         if code:
             return code

@@ -106,10 +106,7 @@ def main(argv=None) -> int:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    try:
-        if args.model == "saved_model" and not Path("saved_model").is_dir():
-            raise UsageError("no trained model in saved_model/; train one with python train_grpo.py "
-                             "(or pass --model smollm2 to query the untrained bundled model)")
+    try:  # a missing saved_model/ is reported by resolve_model, with how to train one
         model, tokenizer = load_model_and_tokenizer(args.model, dtype)
     except UsageError as err:
         print(f"inference.py: error: {err}", file=sys.stderr)
