@@ -108,12 +108,13 @@ def arithmetic_question(a: int, op: str, b: int) -> str:
 
 def generate_arithmetic_problems(n: int, split: str = "train", seed: int = 0,
                                  max_operand: int = 20, max_factor: int = 12,
-                                 ops=OPS) -> list[dict]:
+                                 ops=OPS, unique: bool = False) -> list[dict]:
     """n problems {"question": "what is 15 + 8?", "answer": "23"}.
 
     Operands of + and - are drawn from [0, max_operand] (so answers can be negative);
     operands of * from [0, max_factor], keeping products in the range a small model
-    has seen written down.
+    has seen written down. `unique=True` returns distinct problems in a seeded order,
+    and all of them when the split holds fewer than n (the default val split has 104).
     """
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
@@ -121,6 +122,13 @@ def generate_arithmetic_problems(n: int, split: str = "train", seed: int = 0,
     if bad or not ops:
         raise ValueError(f"ops must be a non-empty subset of {OPS}, got {ops!r}")
     rng = random.Random(seed)
+    if unique:
+        triples = [(a, op, b) for op in ops for a in range((max_factor if op == "*" else max_operand) + 1)
+                   for b in range((max_factor if op == "*" else max_operand) + 1)
+                   if arithmetic_split(a, op, b) == split]
+        rng.shuffle(triples)
+        return [{"question": arithmetic_question(a, op, b), "answer": str(apply_op(a, op, b))}
+                for a, op, b in triples[:n]]
     problems = []
     while len(problems) < n:
         op = rng.choice(tuple(ops))

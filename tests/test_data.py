@@ -114,3 +114,14 @@ def test_parse_question_recognises_both_tasks(text, expected):
 ])
 def test_parse_question_rejects_everything_else(text):
     assert parse_question(text) is None
+
+
+def test_arithmetic_eval_set_is_distinct_and_all_of_a_small_split():
+    val = generate_arithmetic_problems(128, "val", seed=3, unique=True)
+    questions = [p["question"] for p in val]
+    assert len(questions) == len(set(questions)) == 104  # the whole val split, once each
+    assert val == generate_arithmetic_problems(128, "val", seed=3, unique=True)
+    assert val[:10] != generate_arithmetic_problems(10, "val", seed=4, unique=True)  # seeded order
+    assert generate_arithmetic_problems(10, "val", seed=3, unique=True) == val[:10]
+    train = {p["question"] for p in generate_arithmetic_problems(2000, "train", seed=0)}
+    assert not train & set(questions)
