@@ -10,6 +10,7 @@ script redraws them at any time, also while the run is still writing the file.
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -51,7 +52,10 @@ def moving_average(values, window: int) -> list:
 
 
 def _series(records, key):
-    pairs = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+    """(steps, values) of the finite values only: a skipped step's NaN (null in the JSON)
+    would otherwise poison every later point of the moving average."""
+    pairs = [(r["step"], r[key]) for r in records
+             if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 

@@ -49,6 +49,17 @@ def test_single_step_and_mid_run_files_plot(tmp_path):
     assert plot_metrics.main(["--metrics", str(path)]) == 0
 
 
+@pytest.mark.parametrize("skipped", [None, float("nan"), float("inf")])
+def test_a_skipped_steps_missing_value_leaves_the_smoothed_curve_finite(tmp_path, skipped):
+    steps = [{"step": i, "reward_mean": 0.5, "accuracy": 0.5, "kl": 0.1} for i in range(1, 8)]
+    steps[2]["kl"] = skipped  # null in the JSON file, NaN in memory during the run
+    steps_, values = plot_metrics._series(steps, "kl")
+    assert steps_ == [1, 2, 4, 5, 6, 7]
+    assert plot_metrics.moving_average(values, 3) == pytest.approx([0.1] * 6)
+    plot_metrics.plot_all({"config": {}, "steps": steps, "eval": []}, tmp_path, window=3)
+    assert (tmp_path / "grpo_kl_divergence.png").is_file()
+
+
 @pytest.mark.parametrize("content, message", [
     (None, "no metrics file"),
     ("", "is empty"),
