@@ -4,6 +4,8 @@
     python bench.py rewards                                # reward time: typical and adversarial 1 MB inputs
     python bench.py step --model smollm2 --steps 3         # GRPO step time and peak memory, bundled model
     python bench.py step --random qwen2.5-1.5b --steps 20  # a random model of Qwen2.5-1.5B's shape (GPU)
+    python bench.py step --random qwen2.5-0.5b -- --dtype bfloat16 --batch_size 1 --num_generations 4 \
+        --max_new_tokens 32                                # a reduced shape and config, for a CPU
 
 `step` runs train_grpo's real loop (seed config unless you pass flags after `--`, e.g.
 `-- --batch_size 2`) into a temporary folder and reports the mean over all steps but the
@@ -24,6 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "tests"))
 # Shapes of real models, for random initialisation where the weights cannot be downloaded.
 SHAPES = {
     "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, rope_theta=1e6),
+    # Same family at a third of the size: what a 2-core CPU can still step through.
+    "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                          num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, rope_theta=1e6),
     "tiny": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True),

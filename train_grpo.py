@@ -24,6 +24,7 @@ import dataclasses
 import difflib
 import importlib.util
 import json
+import logging
 import math
 import os
 import random
@@ -65,7 +66,7 @@ class GRPOConfig:
     num_inner_updates: int = 1            # policy updates per generated batch
     clip_grad_norm: float = 0.5           # max global gradient norm
     loss_type: str = "grpo"               # grpo | dr_grpo | dapo: how token losses are averaged
-    scale_rewards: bool = True            # divide advantages by the group std (Dr. GRPO: false)
+    scale_rewards: bool = True            # divide advantages by the group std (false by default with --loss_type dr_grpo)
     micro_batch_size: int = 0             # sequences per forward/backward; 0 = whole batch at once
     # evaluation and outputs
     seed: int = 0                         # seeds problems, sampling and the eval set
@@ -81,6 +82,7 @@ class GRPOConfig:
     # hardware
     device: str = "auto"                  # auto | cuda | cpu
     dtype: str = "auto"                   # auto (bfloat16 on CUDA, float32 on CPU) | bfloat16 | float32
+    master_weights: bool = True           # bf16 weights: optimizer updates a float32 copy so small steps add up (+4 B/param)
     cpu_autocast: str = "auto"            # auto | on | off: bf16 autocast on CPU (auto = if the CPU has bf16 units)
     optimizer: str = "adamw8bit"          # adamw8bit (bitsandbytes) | adamw (torch)
     gradient_checkpointing: bool = True   # recompute activations in backward: less memory, ~30% slower
@@ -169,6 +171,8 @@ def parse_args(argv) -> GRPOConfig:
         except ValueError:
             raise UsageError(f"--{name} expects {kind.__name__}, got {text!r}") from None
     values["preset"] = preset
+    if values.get("loss_type") == "dr_grpo" and "scale_rewards" not in given:
+        values["scale_rewards"] = False  # Dr. GRPO removes both the length and the std normalisation
     cfg = GRPOConfig(**values)
     validate(cfg)
     return cfg
@@ -444,7 +448,57 @@ def load_model_and_tokenizer(name: str, dtype: torch.dtype):
             model.config._name_or_path = name
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # GPT-2 style models ship without one
+    model.generation_config = neutral_generation_config(model.generation_config)
     return model, tokenizer
+
+
+def neutral_generation_config(shipped):
+    """The model's generation config with only its token ids kept.
+
+    Models ship sampling settings (Qwen: top_k 20, top_p 0.8, repetition_penalty 1.05,
+    temperature 0.7) that generate() merges into the config we pass: transformers 5 fills
+    every field we leave unset from them, and 4.50-4.57 also replace values we pass when
+    they equal the library defaults (top_p=1.0, do_sample=False, ...). The loss assumes
+    plain softmax(logits / T), so nothing may be left to merge; saved_model/ then carries
+    this neutral config too.
+    """
+    from transformers import GenerationConfig
+
+    return GenerationConfig(bos_token_id=shipped.bos_token_id, eos_token_id=shipped.eos_token_id,
+                            pad_token_id=shipped.pad_token_id)
+
+
+def disable_dropout(model) -> None:
+    """Dropout off for good. GRPO compares log-probs of the same weights (policy at
+    sampling vs at update, policy vs reference): dropout noise would make KL > 0 at step 0
+    and the ratio != 1 on the first update. Covers nn.Dropout modules (GPT-2: 0.1) and the
+    float rates attention layers read from their config (Llama, Qwen: attention_dropout)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name in ("attention_dropout", "dropout"):
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
+
+
+def load_policy_and_reference(cfg: GRPOConfig, device, dtype) -> tuple:
+    """-> (policy, frozen reference or None when beta == 0, tokenizer), ready to train.
+
+    Gradient checkpointing is switched on once, here: it only acts in training mode, and
+    generation runs in eval mode, so nothing needs toggling per step (in transformers 5
+    each re-enable adds another hook to the input embeddings). `use_cache` is passed per
+    call instead of being flipped in the config, so saved_model/ keeps the model's own.
+    """
+    policy, tokenizer = load_model_and_tokenizer(cfg.model, dtype)
+    policy.to(device)
+    disable_dropout(policy)
+    ref_model = None
+    if cfg.beta > 0:  # frozen copy of the starting weights; never updated, never gets .grad
+        ref_model = copy.deepcopy(policy).eval().requires_grad_(False)
+    if cfg.gradient_checkpointing:
+        enable_checkpointing(policy)
+    policy.train()
+    return policy, ref_model, tokenizer
 
 
 def end_token_ids(tokenizer, model) -> list[int]:
@@ -486,8 +540,10 @@ def choose_runtime(cfg: GRPOConfig):
         if cfg.dtype in ("auto", "bfloat16") and not torch.cuda.is_bf16_supported():
             raise UsageError(f"{name} has no bfloat16 support; pass --dtype float32")
         dtype = torch.float32 if cfg.dtype == "float32" else torch.bfloat16
-        return device, dtype, None, f"cuda ({name}, SM {cap[0]}.{cap[1]}), {dtype_name(dtype)} weights"
+        return device, dtype, None, f"cuda ({name}, SM {cap[0]}.{cap[1]}), {weights_note(cfg, dtype)}"
     dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+    if dtype == torch.bfloat16:
+        return device, dtype, None, f"cpu ({weights_note(cfg, dtype)}; --dtype bfloat16)"
     bf16_units = cpu_has_bf16()
     use_autocast = cfg.cpu_autocast == "on" or (cfg.cpu_autocast == "auto" and bf16_units and dtype == torch.float32)
     why = ("CPU has bf16 units" if bf16_units else "CPU lacks bf16 units") + f", --cpu_autocast {cfg.cpu_autocast}"
@@ -495,13 +551,33 @@ def choose_runtime(cfg: GRPOConfig):
     return device, dtype, (torch.bfloat16 if use_autocast else None), f"cpu ({how}; {why})"
 
 
+def weights_note(cfg: GRPOConfig, dtype: torch.dtype) -> str:
+    if dtype == torch.float32:
+        return "float32 weights"
+    if cfg.master_weights:
+        return f"{dtype_name(dtype)} weights, float32 master copy in the optimizer"
+    return f"{dtype_name(dtype)} weights, no master copy (--master_weights false: steps below bf16 precision are lost)"
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def make_optimizer(cfg: GRPOConfig, params):
+def make_optimizer(cfg: GRPOConfig, model):
+    """AdamW over the model's trainable weights; for a bf16 model (and --master_weights
+    true) it steps float32 master copies instead, see MasterWeights."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.master_weights and any(p.dtype != torch.float32 for p in params):
+        return MasterWeights(params, lambda masters: make_adamw(cfg, masters))
+    return make_adamw(cfg, params)
+
+
+def make_adamw(cfg: GRPOConfig, params):
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
+    # On CPUs with AVX512-BF16 bitsandbytes warns at import that a 4-bit kernel package is
+    # missing; we use no 4-bit kernels, so that line would only be noise.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
         import bitsandbytes as bnb
     except ImportError:
@@ -509,6 +585,73 @@ def make_optimizer(cfg: GRPOConfig, params):
                          "(or pass --optimizer adamw)") from None
     # 8-bit moments: 2 bytes/param of optimizer state instead of 8 (1.5B params: 3 GB vs 12 GB).
     return bnb.optim.AdamW8bit(params, lr=cfg.learning_rate, weight_decay=0.0)
+
+
+# -----------------------------------------------------------------------------
+# Float32 master weights: updates that survive a bf16 model.
+
+class MasterWeights:
+    """An optimizer over float32 copies of a bf16 model's weights.
+
+    What it buys: bf16 keeps 8 significant bits, so half an ulp of a typical weight
+    (|w| ~ 0.02) is 6e-5, while an Adam step moves each weight by about the learning rate
+    (2e-6 in the seed config). Written straight into bf16 the step rounds away: only ~4%
+    of weights change, and a bf16 run barely learns. Here AdamW updates the float32
+    masters, where small steps add up, and the model gets them rounded to nearest after
+    every step. The model stays bf16, so generation, forward and backward run as fast and
+    in as little memory as before.
+    What it costs: 4 bytes per parameter (6.2 GB for Qwen2.5-1.5B) and one copy per step.
+    The optimizer steps one tensor at a time, so a single float32 gradient exists at once
+    (the largest, Qwen's embedding, is 0.9 GB) instead of all of them (6.2 GB); AdamW is
+    elementwise, so this is the same update as one step over all of them.
+    """
+
+    def __init__(self, params, make_inner):
+        self.params = list(params)  # the model's bf16 weights; backward writes their .grad
+        self.masters = [torch.nn.Parameter(p.detach().to(torch.float32, copy=True)) for p in self.params]
+        self.inner = make_inner(self.masters)
+        self.param_groups = self.inner.param_groups
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for p, master in zip(self.params, self.masters):
+            if p.grad is None:
+                continue
+            master.grad = p.grad.to(torch.float32)
+            self.inner.step()  # only this master has a gradient, so only it moves
+            master.grad = None
+            p.copy_(master)    # round to nearest bf16
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def state_dict(self) -> dict:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.inner.load_state_dict(state)
+
+
+@contextlib.contextmanager
+def weights_of_record(model, optimizer):
+    """While open, the model's trainable weights are the float32 masters themselves, so
+    save_pretrained writes what was learned (a bf16 copy would drop every update still
+    below half an ulp) and load_state_dict restores it exactly. On exit the model gets
+    its bf16 weights back, rounded from the masters. A no-op without MasterWeights."""
+    if not isinstance(optimizer, MasterWeights):
+        yield
+        return
+    bf16 = [p.data for p in optimizer.params]
+    for p, master in zip(optimizer.params, optimizer.masters):
+        p.data = master.data  # tied weights are one Parameter, so they follow together
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, data, master in zip(optimizer.params, bf16, optimizer.masters):
+                p.data = data
+                data.copy_(master)
 
 
 # -----------------------------------------------------------------------------
@@ -556,18 +699,11 @@ def generate_rollouts(model, tokenizer, prompts, num_generations: int, max_new_t
     batch = [p for p in prompts for _ in range(num_generations)]
     # Chat prompts already hold their special tokens; adding more (a BOS) would change them.
     enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-    was_training, use_cache = model.training, model.config.use_cache
-    checkpointing = is_checkpointing(model)
-    if checkpointing:
-        set_checkpointing(model, False)  # it would force the KV cache off
-    model.eval()
-    model.config.use_cache = True
+    was_training = model.training
+    model.eval()  # checkpointing acts only in training mode, so the KV cache works here
     with autocast_context(device, autocast):
         out = model.generate(**enc, generation_config=sampling_config(
             temperature, max_new_tokens, end_ids, tokenizer.pad_token_id, greedy))
-    model.config.use_cache = use_cache
-    if checkpointing:
-        set_checkpointing(model, True)
     model.train(was_training)
     P = enc["input_ids"].shape[1]
     completion_ids = out[:, P:]
@@ -580,25 +716,14 @@ def generate_rollouts(model, tokenizer, prompts, num_generations: int, max_new_t
                     texts, truncated)
 
 
-def set_checkpointing(model, on: bool) -> None:
-    """Gradient checkpointing on or off. transformers 5 renamed it "activation
+def enable_checkpointing(model) -> None:
+    """Gradient checkpointing, once per run. transformers 5 renamed it "activation
     checkpointing"; use_reentrant=False is the variant that works with frozen inputs."""
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):
-        if on:
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            model.activation_checkpointing_disable()
-    elif on:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
-        model.gradient_checkpointing_disable()
-
-
-def is_checkpointing(model) -> bool:
-    if hasattr(model, "is_activation_checkpointing"):
-        return bool(model.is_activation_checkpointing)
-    return bool(getattr(model, "is_gradient_checkpointing", False))
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def autocast_context(device, autocast_dtype):
@@ -662,12 +787,15 @@ def group_advantages(rewards: torch.Tensor, num_generations: int, scale: bool = 
                      eps: float = 1e-4) -> torch.Tensor:
     """(N,) rewards -> (N,) advantages, normalised within each prompt's group:
     A_i = (r_i - mean(group)) / (std(group) + eps). A group whose rewards are all equal
-    carries no signal and gets A = 0 exactly (eps keeps it from being 0/0 = NaN)."""
+    carries no signal and gets A = 0 exactly: the float32 mean of 16 rewards of 0.1 is not
+    exactly 0.1, and the 7e-9 left over, divided by eps, would be an advantage of -7e-5
+    that Adam turns into a full-size step when every group of a batch is like that."""
     groups = rewards.view(-1, num_generations)                         # (B, G)
     centred = groups - groups.mean(dim=1, keepdim=True)
     if scale:
         centred = centred / (groups.std(dim=1, keepdim=True) + eps)
-    return centred.view(-1)
+    no_spread = (groups == groups[:, :1]).all(dim=1, keepdim=True)     # (B, 1)
+    return torch.where(no_spread, torch.zeros_like(centred), centred).view(-1)
 
 
 def grpo_loss(logp, old_logp, ref_logp, advantages, mask, beta: float, epsilon: float,
@@ -737,9 +865,11 @@ def train_problems(cfg: GRPOConfig, step: int) -> list[dict]:
 
 
 def eval_problems(cfg: GRPOConfig) -> list[dict]:
+    """A fixed val set of distinct problems: a repeat would count one question twice.
+    Arithmetic's val split has only 104, so eval_size >= 104 means all of them."""
     if cfg.task == "countdown":
         return data.generate_countdown_problems(cfg.eval_size, "val", seed=cfg.seed, unique=True)
-    return data.generate_arithmetic_problems(cfg.eval_size, "val", seed=cfg.seed)
+    return data.generate_arithmetic_problems(cfg.eval_size, "val", seed=cfg.seed, unique=True)
 
 
 def prompts_for(tokenizer, problems) -> list[str]:
@@ -774,8 +904,20 @@ def write_json_atomic(path: Path, obj) -> None:
     """Write to a temp file, then rename over the target: a reader (plot_metrics.py
     mid-run) or a crash never sees a half-written file."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.write_text(json.dumps(json_safe(obj), indent=1, allow_nan=False))
     os.replace(tmp, path)
+
+
+def json_safe(obj):
+    """NaN and inf (a skipped step's loss) become null: NaN is not JSON, and strict
+    readers (jq, JavaScript) reject the whole file over one."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
 
 
 def peak_memory_gb(device) -> float:
@@ -831,7 +973,8 @@ def save_checkpoint(folder: Path, step: int, policy, optimizer, metrics: dict, k
     tmp = folder / f".tmp_step_{step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    policy.save_pretrained(tmp)
+    with weights_of_record(policy, optimizer):
+        policy.save_pretrained(tmp)
     rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
@@ -851,7 +994,8 @@ def load_checkpoint(path: Path, policy, optimizer) -> tuple:
     weights = {}
     for f in sorted(path.glob("*.safetensors")):
         weights.update(load_file(f, device=str(next(policy.parameters()).device)))
-    missing, unexpected = policy.load_state_dict(weights, strict=False)
+    with weights_of_record(policy, optimizer):  # float32 masters restored exactly
+        missing, unexpected = policy.load_state_dict(weights, strict=False)
     # tied embeddings are saved once; anything else missing means a different model
     missing = [k for k in missing if k != "lm_head.weight"]
     if missing or unexpected:
@@ -868,19 +1012,32 @@ def load_checkpoint(path: Path, policy, optimizer) -> tuple:
 
 
 def drop_samples_after(path: Path, step: int) -> None:
-    """Keep only sample rows of steps <= `step`, so re-run steps are not written twice."""
+    """Keep only sample rows of steps <= `step`, so re-run steps are not written twice.
+    A line that does not parse (a run killed mid-append tears its last line) is dropped."""
     if path.is_file():
-        lines = path.read_text().splitlines(keepends=True)
+        kept = []
+        for line in path.read_text().splitlines(keepends=True):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if row["step"] <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(line for line in lines if json.loads(line)["step"] <= step))
+        tmp.write_text("".join(kept))
         os.replace(tmp, path)
 
 
-def save_final_model(path: Path, policy, tokenizer, cfg: GRPOConfig) -> None:
-    """saved_model/: weights, tokenizer with its chat template, and the run's config."""
+def save_final_model(path: Path, policy, optimizer, tokenizer, cfg: GRPOConfig) -> None:
+    """saved_model/: weights, tokenizer with its chat template, and the run's config.
+
+    A bf16 run with master weights saves the float32 masters: that is what was learned.
+    Loaded in bf16 (inference.py on CUDA) they round to exactly the weights that sampled
+    the run's last completions; loaded in float32 they keep every update."""
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    policy.save_pretrained(tmp)
+    with weights_of_record(policy, optimizer):
+        policy.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / "grpo_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
     shutil.rmtree(path, ignore_errors=True)
@@ -888,23 +1045,29 @@ def save_final_model(path: Path, policy, tokenizer, cfg: GRPOConfig) -> None:
 
 
 class StopFlag:
-    """First Ctrl-C: finish the current step, save a checkpoint, exit. Second: abort now."""
+    """First Ctrl-C or SIGTERM: finish the current step, save a checkpoint, exit 0.
+    Second: abort now. SIGTERM is what `timeout`, SLURM and Kubernetes send before they
+    kill a job, so a preempted run keeps everything up to its last finished step."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.requested = False
 
     def __enter__(self):
-        self.previous = signal.signal(signal.SIGINT, self._handle)
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
         return self
 
     def _handle(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("\nCtrl-C: finishing this step, then saving a checkpoint (Ctrl-C again to abort)", flush=True)
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        print(f"\n{name}: finishing this step, then saving a checkpoint (Ctrl-C again to abort)", flush=True)
 
     def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self.previous)
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 # -----------------------------------------------------------------------------
@@ -1035,16 +1198,8 @@ def train(cfg: GRPOConfig) -> dict:
     torch.manual_seed(cfg.seed)
 
     t0 = time.perf_counter()
-    policy, tokenizer = load_model_and_tokenizer(cfg.model, dtype)
-    policy.to(device)
-    ref_model = None
-    if cfg.beta > 0:  # frozen copy of the starting weights; never updated, never gets .grad
-        ref_model = copy.deepcopy(policy).eval().requires_grad_(False)
-    if cfg.gradient_checkpointing:
-        set_checkpointing(policy, True)
-    policy.config.use_cache = False  # training forward passes: no KV cache (generation turns it on)
-    policy.train()
-    optimizer = make_optimizer(cfg, policy.parameters())
+    policy, ref_model, tokenizer = load_policy_and_reference(cfg, device, dtype)
+    optimizer = make_optimizer(cfg, policy)
     end_ids = end_token_ids(tokenizer, policy)
     n_params = sum(p.numel() for p in policy.parameters())
     print(f"model: {cfg.model} ({n_params / 1e6:.0f}M params, loaded in {time.perf_counter() - t0:.0f}s), "
@@ -1083,7 +1238,7 @@ def train(cfg: GRPOConfig) -> dict:
             write_json_atomic(paths.metrics, metrics)
             if step % cfg.sample_every == 0 or step == 1:
                 with open(paths.samples, "a") as f:
-                    f.writelines(json.dumps(r) + "\n" for r in rows)
+                    f.writelines(json.dumps(json_safe(r)) + "\n" for r in rows)
             if step % cfg.plot_every == 0 or step == cfg.num_iterations:
                 plot_metrics.plot_all(metrics, cfg.output_dir)
             bar.set_postfix(reward=f"{record['reward_mean']:.3f}", acc=f"{record['accuracy']:.2f}",
@@ -1095,7 +1250,7 @@ def train(cfg: GRPOConfig) -> dict:
                     tqdm.write(f"saved {path}; continue with: python train_grpo.py --resume "
                                f"--output_dir {cfg.output_dir}")
                     return metrics
-    save_final_model(paths.saved_model, policy, tokenizer, cfg)
+    save_final_model(paths.saved_model, policy, optimizer, tokenizer, cfg)
     first, last = metrics["eval"][0], metrics["eval"][-1]
     print(f"done: greedy val accuracy {first['accuracy']:.3f} (step {first['step']}) -> "
           f"{last['accuracy']:.3f} (step {last['step']}); model saved to {paths.saved_model}")

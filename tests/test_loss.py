@@ -34,6 +34,16 @@ def test_group_with_equal_rewards_has_zero_advantage_and_no_nan():
     assert torch.isfinite(adv).all()
 
 
+@pytest.mark.parametrize("value", [0.1, 0.2, 0.0, 1.0])
+@pytest.mark.parametrize("scale", [True, False])
+def test_a_zero_spread_group_of_16_has_exactly_zero_advantage(value, scale):
+    # float32 mean of 16 x 0.1 is not exactly 0.1; divided by eps that used to leave -7.45e-5
+    rewards = torch.cat([torch.full((16,), value), torch.tensor([1.0, 0.0] * 8)])
+    adv = group_advantages(rewards, num_generations=16, scale=scale)
+    assert torch.equal(adv[:16], torch.zeros(16))
+    assert (adv[16:] != 0).all()
+
+
 def test_unscaled_advantages_are_just_centred():
     adv = group_advantages(torch.tensor([1.0, 0.0]), num_generations=2, scale=False)
     assert torch.allclose(adv, torch.tensor([0.5, -0.5]))

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import data
 import train_grpo
 from train_grpo import GRPOConfig, UsageError, parse_args
 
@@ -143,6 +144,9 @@ def test_non_finite_update_is_skipped_and_counted(tiny_model_dir, tmp_path, monk
     monkeypatch.setattr(train_grpo, "grpo_loss", nan_loss)
     assert train_grpo.main(tiny_args(tiny_model_dir, tmp_path, "--num_iterations", "1", "--save_every", "0")) == 0
     assert steps_of(tmp_path)[0]["skipped_updates"] == 1
+    strict = json.loads((tmp_path / "grpo_metrics.json").read_text(),
+                        parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+    assert strict["steps"][0]["loss"] is None  # NaN is written as null
     from transformers import AutoModelForCausalLM
     trained = AutoModelForCausalLM.from_pretrained(tmp_path / "saved_model")
     original = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
@@ -178,6 +182,62 @@ def test_beta_zero_loads_no_reference_model(tiny_model_dir, tmp_path, monkeypatc
     assert seen["ref"] is None and steps_of(tmp_path)[0]["kl"] == 0
 
 
+@pytest.fixture(scope="module")
+def qwen_sampling_model_dir(tmp_path_factory):
+    """A tiny model whose saved generation_config carries Qwen2.5-Instruct's sampling
+    settings, plus two fields transformers 5 fills in whenever we leave them unset."""
+    from conftest import save_tiny
+    from transformers import GenerationConfig
+    path = save_tiny(tmp_path_factory.mktemp("qwen_sampling"))
+    shipped = GenerationConfig.from_pretrained(path)
+    shipped.update(do_sample=True, temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.05, min_p=0.5,
+                   suppress_tokens=list(range(100, 300)))
+    shipped.save_pretrained(path)
+    return path
+
+
+def reference_decode(model, prompt_ids, steps: int, temperature: float, greedy: bool):
+    """The sampling the loss assumes, written out: softmax(logits / T) in float32, or argmax."""
+    ids = prompt_ids
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = model(input_ids=ids).logits[:, -1].float()
+            if greedy:
+                nxt = logits.argmax(-1)
+            else:
+                nxt = torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1).squeeze(1)
+            ids = torch.cat([ids, nxt[:, None]], dim=1)
+    return ids[:, prompt_ids.shape[1]:]
+
+
+@pytest.mark.parametrize("greedy, temperature", [(True, 1.0), (False, 1.0), (False, 1.2)])
+def test_generation_is_exactly_what_the_loss_assumes_whatever_the_shipped_config(
+        qwen_sampling_model_dir, greedy, temperature):
+    model, tok = train_grpo.load_model_and_tokenizer(qwen_sampling_model_dir, torch.float32)
+    model.eval()
+    prompt = train_grpo.prompts_for(tok, data.generate_arithmetic_problems(1, seed=5))[0]
+    end_ids = train_grpo.end_token_ids(tok, model)
+    torch.manual_seed(7)
+    roll = train_grpo.generate_rollouts(model, tok, [prompt], 6, 12, temperature, end_ids, greedy=greedy)
+    torch.manual_seed(7)
+    prompt_ids = tok([prompt] * 6, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    expected = reference_decode(model, prompt_ids, 12, temperature, greedy)
+    got = roll.input_ids[:, roll.prompt_len:]
+    L = got.shape[1]
+    assert torch.equal(got[roll.completion_mask], expected[:, :L][roll.completion_mask])
+    assert greedy or len({t for t in roll.texts}) > 1
+
+
+def test_saved_model_carries_a_neutral_generation_config(qwen_sampling_model_dir, tmp_path):
+    from transformers import GenerationConfig
+    model, tok = train_grpo.load_model_and_tokenizer(qwen_sampling_model_dir, torch.float32)
+    model.save_pretrained(tmp_path)
+    saved = GenerationConfig.from_pretrained(tmp_path)
+    assert (saved.top_k, saved.top_p, saved.repetition_penalty, saved.min_p) in [(None, None, None, None),
+                                                                                 (50, 1.0, 1.0, None)]
+    assert saved.eos_token_id == tok.eos_token_id
+
+
 def test_sampling_ignores_the_models_own_generation_defaults(tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
@@ -187,6 +247,102 @@ def test_sampling_ignores_the_models_own_generation_defaults(tiny_model_dir):
     torch.manual_seed(0)
     roll = train_grpo.generate_rollouts(model, tok, ["hello"], 8, 6, 1.0, [tok.eos_token_id])
     assert len(set(roll.texts)) > 1
+
+
+@pytest.fixture(scope="module")
+def gpt2_dropout_model_dir(tmp_path_factory):
+    """A tiny GPT-2-style model with GPT-2's dropout of 0.1 everywhere, and no chat template."""
+    from tiny import make_tiny_tokenizer
+    from transformers import GPT2Config, GPT2LMHeadModel
+    tok = make_tiny_tokenizer(chat=False)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=512,
+                                       resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1,
+                                       eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id))
+    path = tmp_path_factory.mktemp("gpt2_dropout")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def test_dropout_is_off_while_scoring_so_the_first_update_starts_at_kl_zero(gpt2_dropout_model_dir, tmp_path):
+    cfg = parse_args(["--model", gpt2_dropout_model_dir, "--preset", "none", "--task", "arithmetic"])
+    policy, ref, tok = train_grpo.load_policy_and_reference(cfg, "cpu", torch.float32)
+    assert policy.training  # checkpointing needs training mode; dropout must not care
+    prompts = train_grpo.prompts_for(tok, data.generate_arithmetic_problems(2, seed=1))
+    roll = train_grpo.generate_rollouts(policy, tok, prompts, 3, 8, 1.0, train_grpo.end_token_ids(tok, policy))
+    first, _ = train_grpo.completion_logprobs(policy, roll, 1.0)
+    again, _ = train_grpo.completion_logprobs(policy, roll, 1.0)
+    of_ref, _ = train_grpo.completion_logprobs(ref, roll, 1.0)
+    assert torch.equal(first, again) and torch.equal(first, of_ref)
+    # end to end: step 1 scores policy and reference before any update, so KL is exactly 0
+    args = tiny_args(gpt2_dropout_model_dir, tmp_path, "--task", "arithmetic", "--num_iterations", "1",
+                     "--num_inner_updates", "2", "--save_every", "0")
+    assert train_grpo.main(args) == 0
+    step = steps_of(tmp_path)[0]
+    assert step["kl"] == 0 and step["clip_frac"] == 0
+
+
+def test_checkpointing_is_switched_on_once_and_the_saved_config_keeps_use_cache(tiny_model_dir, tmp_path,
+                                                                                 monkeypatch):
+    hooks, real = [], train_grpo.grpo_step
+
+    def counting(step, cfg, policy, *args, **kwargs):
+        out = real(step, cfg, policy, *args, **kwargs)
+        emb = policy.get_input_embeddings()
+        hooks.append(len(emb._forward_hooks) + len(emb._forward_pre_hooks))
+        return out
+
+    monkeypatch.setattr(train_grpo, "grpo_step", counting)
+    args = tiny_args(tiny_model_dir, tmp_path, "--num_iterations", "4", "--gradient_checkpointing", "true",
+                     "--save_every", "0")
+    assert train_grpo.main(args) == 0
+    assert len(hooks) == 4 and len(set(hooks)) == 1 and hooks[0] <= 1
+    assert json.loads((tmp_path / "saved_model" / "config.json").read_text())["use_cache"] is True
+
+
+def test_sigterm_finishes_the_step_checkpoints_exits_0_and_resume_completes(tiny_model_dir, tmp_path):
+    """What `timeout`, SLURM and Kubernetes send before a kill: a real process, a real signal."""
+    import signal
+    import time
+    args = tiny_args(tiny_model_dir, tmp_path, "--num_iterations", "200", "--save_every", "0", "--eval_every",
+                     "1000", "--plot_every", "1000", "--sample_every", "1")
+    proc = subprocess.Popen([sys.executable, "train_grpo.py", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "grpo_metrics.json"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and json.loads(metrics.read_text())["steps"]:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert "SIGTERM" in out and "--resume" in out
+    done = [s["step"] for s in steps_of(tmp_path)]
+    assert done == list(range(1, len(done) + 1)) and len(done) < 200
+    assert (tmp_path / "checkpoints" / f"step_{done[-1]:06d}" / "trainer_state.pt").is_file()
+    assert not (tmp_path / "saved_model").exists()
+    # resume to two steps past the stop
+    end = str(len(done) + 2)
+    resumed = subprocess.run([sys.executable, "train_grpo.py", *args, "--num_iterations", end, "--resume"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert [s["step"] for s in steps_of(tmp_path)] == list(range(1, int(end) + 1))
+    assert (tmp_path / "saved_model").is_dir()
+
+
+def test_a_torn_last_sample_line_does_not_stop_a_resume(tiny_model_dir, tmp_path):
+    args = tiny_args(tiny_model_dir, tmp_path, "--num_iterations", "2", "--save_every", "1")
+    assert train_grpo.main(args) == 0
+    import shutil
+    shutil.rmtree(tmp_path / "checkpoints" / "step_000002")
+    samples = tmp_path / "grpo_samples.jsonl"
+    with open(samples, "a") as f:
+        f.write('{"step": 2, "question": "what is 1 + ')  # killed mid-append
+    assert train_grpo.main(args + ["--resume"]) == 0
+    rows = [json.loads(line) for line in samples.read_text().splitlines()]  # every line parses
+    assert [r["step"] for r in rows] == [1] * 6 + [2] * 6
 
 
 # --- CLI
@@ -226,6 +382,13 @@ def test_flags_coerce_types_and_override_a_preset():
     assert cfg == GRPOConfig(preset="none")  # seed config
     assert (cfg.learning_rate, cfg.batch_size, cfg.num_generations, cfg.max_new_tokens, cfg.num_iterations,
             cfg.beta, cfg.epsilon, cfg.temperature) == (2e-6, 4, 16, 160, 1200, 0.01, 0.2, 1.2)
+
+
+def test_dr_grpo_turns_off_std_scaling_unless_asked():
+    assert parse_args(["--preset", "none", "--loss_type", "dr_grpo"]).scale_rewards is False
+    assert parse_args(["--preset", "none", "--loss_type", "dr_grpo", "--scale_rewards", "true"]).scale_rewards
+    assert parse_args(["--preset", "none", "--loss_type", "dapo"]).scale_rewards is True
+    assert "dr_grpo" in train_grpo.field_help()["scale_rewards"]
 
 
 def test_without_cuda_the_default_run_is_the_cpu_preset(monkeypatch):
