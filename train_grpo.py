@@ -35,6 +35,7 @@ import shutil
 import signal
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import NamedTuple
 
@@ -57,7 +58,7 @@ class GRPOConfig:
     preset: str = ""                      # cpu | none; "" = cpu when there is no CUDA device, else none
     # the GRPO step
     num_iterations: int = 1200            # training steps
-    batch_size: int = 4                   # prompts per step
+    batch_size: int = 4                   # prompts per step per process (torchrun: x number of processes)
     num_generations: int = 16             # completions per prompt (the group size)
     max_new_tokens: int = 160             # completion budget, room for <think> reasoning
     temperature: float = 1.2              # sampling temperature; log-probs use the same one
@@ -87,6 +88,7 @@ class GRPOConfig:
     cpu_autocast: str = "auto"            # auto | on | off: bf16 autocast on CPU (auto = if the CPU has bf16 units)
     optimizer: str = "adamw8bit"          # adamw8bit (bitsandbytes) | adamw (torch)
     gradient_checkpointing: bool = True   # recompute activations in backward: less memory, ~30% slower
+    dist_timeout_minutes: int = 10        # torchrun: a rank that waits this long for the others fails instead of hanging
 
 
 # Presets set defaults; flags given explicitly on the command line still win.
@@ -184,7 +186,8 @@ def validate(cfg: GRPOConfig) -> None:
         if getattr(cfg, name) not in options:
             raise UsageError(f"--{name} must be one of {', '.join(o for o in options if o)}, got {getattr(cfg, name)!r}")
     positive = ["num_iterations", "batch_size", "num_generations", "max_new_tokens", "eval_size",
-                "eval_batch_size", "num_inner_updates", "plot_every", "sample_every", "eval_every"]
+                "eval_batch_size", "num_inner_updates", "plot_every", "sample_every", "eval_every",
+                "dist_timeout_minutes"]
     for name in positive:
         if getattr(cfg, name) < 1:
             raise UsageError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
@@ -695,6 +698,89 @@ def weights_of_record(model, optimizer):
 
 
 # -----------------------------------------------------------------------------
+# Data parallelism: torchrun starts one copy of this script per GPU (or CPU process).
+
+class Dist(NamedTuple):
+    """Where this process stands: rank `rank` of `world` (a plain `python` run is 0 of 1)."""
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        """The one process that prints and writes files."""
+        return self.rank == 0
+
+
+def init_distributed(cfg: GRPOConfig) -> Dist:
+    """Join the process group torchrun describes in RANK, WORLD_SIZE and LOCAL_RANK.
+
+    What it buys: each of N processes samples, grades and scores its own `batch_size`
+    prompts, so a step sees N times as many, in about the time of one. What it costs: one
+    all-reduce of the gradients per update (3 GB in bf16 for Qwen2.5-1.5B: tens of ms over
+    NVLink, about a second over 25 Gb/s Ethernet) and a few small all-reduces of statistics;
+    every process holds a whole model, so the model must fit on one GPU.
+
+    Gradients are summed by hand after backward rather than by DistributedDataParallel:
+    DDP syncs only the passes that go through its own forward, and ours calls the decoder
+    and the chunked output head separately, with micro-batches and inner updates that
+    would each need no_sync(). DDP would overlap the all-reduce with backward; for a step
+    of seconds that overlap is worth less than a loop a reader can follow.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    import torch.distributed as dist
+
+    cuda = cfg.device != "cpu" and torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # then "cuda" means this GPU
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=cfg.dist_timeout_minutes))
+    return Dist(dist.get_rank(), dist.get_world_size())
+
+
+def _collective_device():
+    import torch.distributed as dist
+    return "cuda" if dist.get_backend() == "nccl" else "cpu"
+
+
+def all_reduce_gradients(params, d: Dist) -> None:
+    """Sum every gradient over the ranks. Each rank's loss is already divided by the
+    global counts of sequences and tokens, so the sum is the gradient of the loss over all
+    ranks' completions: the update one process would make on the union of their prompts."""
+    if d.world > 1:
+        import torch.distributed as dist
+        for p in params:
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+
+
+def all_reduce_floats(values: list, d: Dist, op: str = "sum") -> list:
+    """Sum (or max) a few floats over the ranks, in one collective."""
+    if d.world == 1:
+        return list(values)
+    import torch.distributed as dist
+    t = torch.tensor(values, dtype=torch.float64, device=_collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def gather_objects(obj, d: Dist) -> list:
+    """Every rank's `obj`, in rank order, on every rank."""
+    if d.world == 1:
+        return [obj]
+    import torch.distributed as dist
+    out = [None] * d.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier(d: Dist) -> None:
+    if d.world > 1:
+        import torch.distributed as dist
+        dist.barrier()
+
+
+# -----------------------------------------------------------------------------
 # Rollouts: generate a group of completions per prompt, exactly as the loss assumes.
 
 class Rollouts(NamedTuple):
@@ -719,15 +805,17 @@ def completion_mask_from_ends(completion_ids: torch.Tensor, end_ids) -> tuple:
 
 
 def sampling_config(cfg_temperature: float, max_new_tokens: int, end_ids, pad_id, greedy: bool):
-    """A complete GenerationConfig, so nothing falls back to the model's own defaults:
-    Qwen ships top_k=20, top_p=0.8 and repetition_penalty=1.05, none of which the loss's
-    log-probs (softmax(logits / T)) would account for."""
+    """Plain softmax(logits / T) sampling, or argmax, with every logit processor that a
+    model's own config could switch on set to off (models loaded by load_model_and_tokenizer
+    have a neutral config too). Greedy leaves the sampling knobs unset: transformers warns
+    about each one given to a greedy search."""
     from transformers import GenerationConfig
 
-    return GenerationConfig(
-        do_sample=not greedy, temperature=1.0 if greedy else cfg_temperature, top_k=0, top_p=1.0,
-        min_p=None, typical_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0,
-        max_new_tokens=max_new_tokens, eos_token_id=list(end_ids), pad_token_id=pad_id, use_cache=True)
+    common = dict(repetition_penalty=1.0, no_repeat_ngram_size=0, max_new_tokens=max_new_tokens,
+                  eos_token_id=list(end_ids), pad_token_id=pad_id, use_cache=True)
+    if greedy:
+        return GenerationConfig(do_sample=False, **common)
+    return GenerationConfig(do_sample=True, temperature=cfg_temperature, top_k=0, top_p=1.0, typical_p=1.0, **common)
 
 
 @torch.no_grad()
@@ -896,12 +984,15 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, beta: float, epsilon: 
 # -----------------------------------------------------------------------------
 # Problems, evaluation and run outputs
 
-def train_problems(cfg: GRPOConfig, step: int) -> list[dict]:
-    """The problems of one step depend only on (seed, step): a resumed run sees the same ones."""
-    seed = cfg.seed * 1_000_003 + step
+def train_problems(cfg: GRPOConfig, step: int, d: Dist = Dist()) -> list[dict]:
+    """The problems of one step depend only on (seed, step): a resumed run sees the same
+    ones. With N ranks the step draws N * batch_size and each rank takes its own slice."""
+    seed, n = cfg.seed * 1_000_003 + step, cfg.batch_size * d.world
     if cfg.task == "countdown":
-        return data.generate_countdown_problems(cfg.batch_size, "train", seed=seed)
-    return data.generate_arithmetic_problems(cfg.batch_size, "train", seed=seed)
+        problems = data.generate_countdown_problems(n, "train", seed=seed)
+    else:
+        problems = data.generate_arithmetic_problems(n, "train", seed=seed)
+    return problems[d.rank * cfg.batch_size:(d.rank + 1) * cfg.batch_size]
 
 
 def eval_problems(cfg: GRPOConfig) -> list[dict]:
@@ -916,19 +1007,21 @@ def prompts_for(tokenizer, problems) -> list[str]:
     return [data.build_prompt(tokenizer, data.problem_question(p)) for p in problems]
 
 
-def evaluate(model, tokenizer, problems, cfg: GRPOConfig, end_ids, autocast=None) -> dict:
-    """Greedy accuracy and format rate on a fixed val set, plus a few samples to read."""
+def evaluate(model, tokenizer, problems, cfg: GRPOConfig, end_ids, autocast=None, d: Dist = Dist()) -> dict:
+    """Greedy accuracy and format rate on a fixed val set, plus a few samples to read.
+    With N ranks each answers every N-th problem; the answers are gathered in order."""
     plain = not data.has_chat_template(tokenizer)
-    grades, samples = [], []
-    for i in range(0, len(problems), cfg.eval_batch_size):
-        chunk = problems[i:i + cfg.eval_batch_size]
-        roll = generate_rollouts(model, tokenizer, prompts_for(tokenizer, chunk), 1, cfg.max_new_tokens,
-                                 1.0, end_ids, autocast, greedy=True)
-        for problem, text in zip(chunk, roll.texts):
-            g = grade(text, problem, plain)
-            grades.append(g)
-            if len(samples) < 3:
-                samples.append({"question": data.problem_question(problem), "completion": text, "reward": g.reward})
+    mine = problems[d.rank::d.world]
+    texts = []
+    for i in range(0, len(mine), cfg.eval_batch_size):
+        chunk = mine[i:i + cfg.eval_batch_size]
+        texts += generate_rollouts(model, tokenizer, prompts_for(tokenizer, chunk), 1, cfg.max_new_tokens,
+                                   1.0, end_ids, autocast, greedy=True).texts
+    parts = gather_objects(texts, d)
+    texts = [parts[i % d.world][i // d.world] for i in range(len(problems))]  # back in val order
+    grades = [grade(text, problem, plain) for problem, text in zip(problems, texts)]
+    samples = [{"question": data.problem_question(p), "completion": t, "reward": g.reward}
+               for p, t, g in list(zip(problems, texts, grades))[:3]]
     n = len(grades)
     return {"accuracy": sum(g.correct for g in grades) / n,
             "format_rate": sum(is_formatted(g, plain) for g in grades) / n,
@@ -981,8 +1074,9 @@ def run_paths(cfg: GRPOConfig) -> RunPaths:
                     out / "grpo_kl_divergence.png", out / "checkpoints", out / "saved_model")
 
 
-def check_outputs(cfg: GRPOConfig, paths: RunPaths) -> None:
-    """A new run never silently continues, or silently overwrites, an old one."""
+def check_outputs(cfg: GRPOConfig, paths: RunPaths, delete: bool = True) -> None:
+    """A new run never silently continues, or silently overwrites, an old one. Every rank
+    checks (so all fail alike); only the one with `delete` removes old outputs."""
     if cfg.resume:
         if latest_checkpoint(paths.checkpoints) is None:
             raise UsageError(f"--resume: no checkpoint in {paths.checkpoints}; start a new run without --resume")
@@ -992,7 +1086,7 @@ def check_outputs(cfg: GRPOConfig, paths: RunPaths) -> None:
         names = ", ".join(str(p) for p in existing)
         raise UsageError(f"a previous run's outputs exist ({names}); pass --resume to continue it, "
                          f"--overwrite to replace them, or --output_dir DIR for a new run")
-    if existing:
+    if existing and delete:
         print(f"--overwrite: replacing the previous run's outputs in {cfg.output_dir}")
         shutil.rmtree(paths.checkpoints, ignore_errors=True)
         for p in (paths.metrics, paths.samples, paths.curve, paths.kl):
@@ -1008,7 +1102,8 @@ def latest_checkpoint(folder: Path):
     return steps[-1] if steps else None
 
 
-def save_checkpoint(folder: Path, step: int, policy, optimizer, metrics: dict, keep: int = 2) -> Path:
+def save_checkpoint(folder: Path, step: int, policy, optimizer, metrics: dict, keep: int = 2,
+                    world: int = 1) -> Path:
     path = folder / f"step_{step:06d}"
     tmp = folder / f".tmp_step_{step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -1018,8 +1113,8 @@ def save_checkpoint(folder: Path, step: int, policy, optimizer, metrics: dict, k
     rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": rng, "metrics": metrics},
-               tmp / "trainer_state.pt")
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": rng, "metrics": metrics,
+                "world": world}, tmp / "trainer_state.pt")
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)  # a checkpoint folder exists only once it is complete
     for old in sorted(folder.glob("step_*"))[:-keep]:
@@ -1027,9 +1122,17 @@ def save_checkpoint(folder: Path, step: int, policy, optimizer, metrics: dict, k
     return path
 
 
-def load_checkpoint(path: Path, policy, optimizer) -> tuple:
+def load_checkpoint(path: Path, policy, optimizer, world: int = 1) -> tuple:
     """Restore policy weights, optimizer and RNG in place; return (step, metrics)."""
     from safetensors.torch import load_file
+
+    state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+    saved_world = state.get("world", 1)
+    if saved_world != world:
+        # batch_size is per process: another count would silently change the run's batch
+        launch = "python train_grpo.py" if saved_world == 1 else f"torchrun --nproc_per_node {saved_world} train_grpo.py"
+        raise UsageError(f"{path} was written by {saved_world} process(es) and this run has {world}; "
+                         f"resume with {launch} --resume (the same number of processes)")
 
     weights = {}
     for f in sorted(path.glob("*.safetensors")):
@@ -1041,7 +1144,6 @@ def load_checkpoint(path: Path, policy, optimizer) -> tuple:
     if missing or unexpected:
         raise UsageError(f"checkpoint {path} does not match --model (missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]}); resume with the model the run started from")
-    state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
     optimizer.load_state_dict(state["optimizer"])
     random.setstate(state["rng"]["python"])
     np.random.set_state(state["rng"]["numpy"])
@@ -1118,15 +1220,19 @@ def slice_rollouts(r: Rollouts, sl: slice) -> Rollouts:
 
 
 def policy_update(policy, ref_model, optimizer, rollouts: Rollouts, advantages, cfg: GRPOConfig,
-                  autocast=None) -> dict:
-    """num_inner_updates optimizer steps on one batch; returns the update's statistics.
+                  autocast=None, d: Dist = Dist()) -> dict:
+    """num_inner_updates optimizer steps on one batch; returns the update's statistics,
+    this rank's share of each (they add up over ranks to the whole batch's value).
 
     A step whose loss or gradient norm is not finite is not applied (and is counted)."""
     N = rollouts.input_ids.shape[0]
     mb = cfg.micro_batch_size or N
     slices = [slice(i, i + mb) for i in range(0, N, mb)]
     mask = rollouts.completion_mask
-    total_tokens = mask.sum().clamp(min=1)
+    # The loss is normalised by the whole batch's counts, over all ranks, so that summed
+    # gradients equal one process's (every rank holds the same number of sequences).
+    total_sequences = N * d.world
+    total_tokens = torch.tensor(all_reduce_floats([float(mask.sum())], d)[0], device=mask.device).clamp(min=1)
 
     def logprobs_of(model):  # (N, L), no grad, micro-batched like the update
         with torch.no_grad():
@@ -1149,16 +1255,19 @@ def policy_update(policy, ref_model, optimizer, rollouts: Rollouts, advantages, 
             old = old_logp[s] if old_logp is not None else logp.detach()
             loss, stats = grpo_loss(logp, old, None if ref_logp is None else ref_logp[s], advantages[s],
                                     sub.completion_mask, cfg.beta, cfg.epsilon, cfg.loss_type,
-                                    cfg.max_new_tokens, total_sequences=N, total_tokens=total_tokens)
+                                    cfg.max_new_tokens, total_sequences=total_sequences,
+                                    total_tokens=total_tokens)
             loss.backward()
             loss_total += loss.item()
             share = stats["tokens"] / float(total_tokens)  # token-weighted averages across micro-batches
             for key in ("kl", "clip_frac", "ratio_mean"):
                 sums[key] += stats[key] * share / cfg.num_inner_updates
             sums["entropy"] += float(entropy[sub.completion_mask].sum()) / float(total_tokens) / cfg.num_inner_updates
+        all_reduce_gradients(params, d)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm))
         sums["loss"] += loss_total / cfg.num_inner_updates
-        if math.isfinite(loss_total) and math.isfinite(grad_norm):
+        whole_loss = all_reduce_floats([loss_total], d)[0]  # every rank must take the same decision
+        if math.isfinite(whole_loss) and math.isfinite(grad_norm):
             optimizer.step()
         else:
             skipped += 1
@@ -1167,11 +1276,12 @@ def policy_update(policy, ref_model, optimizer, rollouts: Rollouts, advantages, 
 
 
 def grpo_step(step: int, cfg: GRPOConfig, policy, ref_model, optimizer, tokenizer, end_ids,
-              autocast=None) -> tuple:
-    """Sample -> grade -> advantages -> update. Returns (metrics record, sample rows)."""
+              autocast=None, d: Dist = Dist()) -> tuple:
+    """Sample -> grade -> advantages -> update. Returns (metrics record, sample rows),
+    both over all ranks: the record's means are of every rank's completions."""
     start = time.perf_counter()
-    torch.manual_seed(cfg.seed * 1_000_003 + step)  # sampling depends on (seed, step) only
-    problems = train_problems(cfg, step)
+    torch.manual_seed(cfg.seed * 1_000_003 + step + 1_000_000_007 * d.rank)  # (seed, step, rank) only
+    problems = train_problems(cfg, step, d)
     G = cfg.num_generations
     # 1-2. prompts -> a group of G completions each, in one generate call
     prompts = prompts_for(tokenizer, problems)
@@ -1185,27 +1295,37 @@ def grpo_step(step: int, cfg: GRPOConfig, policy, ref_model, optimizer, tokenize
     device = rollouts.input_ids.device
     advantages = group_advantages(rewards, G, cfg.scale_rewards).to(device)
     # 4-5. log-probs, clipped loss + KL, clip, step
-    update = policy_update(policy, ref_model, optimizer, rollouts, advantages, cfg, autocast)
+    update = policy_update(policy, ref_model, optimizer, rollouts, advantages, cfg, autocast, d)
     seconds = time.perf_counter() - start
     lengths = rollouts.completion_mask.sum(1).float()
-    record = {
-        "step": step,
-        "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
+    # Every rank holds the same number of completions, so whole-batch means are the mean
+    # of the ranks' means; the update's statistics are already shares of the whole.
+    means = {
+        "reward_mean": float(rewards.mean()), "reward_sq": float((rewards ** 2).mean()),
         "accuracy": sum(g.correct for g in grades) / len(grades),
         "format_rate": sum(is_formatted(g, plain) for g in grades) / len(grades),
         "zero_spread_frac": float((rewards.view(-1, G).std(1) == 0).float().mean()),
-        **update,
         "completion_len": float(lengths.mean()), "truncated_frac": float(rollouts.truncated.float().mean()),
+    }
+    means = dict(zip(means, (v / d.world for v in all_reduce_floats(list(means.values()), d))))
+    shares = ("loss", "kl", "clip_frac", "ratio_mean", "entropy")
+    update.update(zip(shares, all_reduce_floats([update[k] for k in shares], d)))
+    seconds, gen_seconds, peak = all_reduce_floats([seconds, gen_seconds, peak_memory_gb(device)], d, op="max")
+    n = len(grades) * d.world
+    variance = max(means.pop("reward_sq") - means["reward_mean"] ** 2, 0.0) * n / max(n - 1, 1)
+    record = {
+        "step": step, **means, "reward_std": math.sqrt(variance),
+        **update,
         "learning_rate": optimizer.param_groups[0]["lr"],
         "step_seconds": seconds, "gen_seconds": gen_seconds,
-        "tokens_per_second": float(lengths.sum()) / seconds,
-        "peak_memory_gb": peak_memory_gb(device),
+        "tokens_per_second": means["completion_len"] * n / seconds,
+        "peak_memory_gb": peak,
     }
     rows = [{"step": step, "question": data.problem_question(problems[i // G]), "completion": text,
              "reward": g.reward, "correct": g.correct, "advantage": float(advantages[i]),
              "prompt": prompts[i // G] if i % G == 0 else None}  # once per group: prompts are long
             for i, (text, g) in enumerate(zip(rollouts.texts, grades))]
-    return record, rows
+    return record, [row for part in gather_objects(rows, d) for row in part]
 
 
 def progress_line(rec: dict, total: int, eta_seconds: float) -> str:
@@ -1227,11 +1347,20 @@ def train(cfg: GRPOConfig) -> dict:
 
     import plot_metrics
 
+    d = init_distributed(cfg)
+
+    def log(line: str) -> None:  # one process speaks for all
+        if d.main:
+            tqdm.write(line)
+
     paths = run_paths(cfg)
-    check_outputs(cfg, paths)
+    check_outputs(cfg, paths, delete=d.main)
+    barrier(d)
     device, dtype, autocast, runtime = choose_runtime(cfg)
-    print(f"device: {runtime}")
-    print("config: " + json.dumps(dataclasses.asdict(cfg)))
+    if d.world > 1:
+        runtime += f"; {d.world} processes ({torch.distributed.get_backend()})"
+    log(f"device: {runtime}")
+    log("config: " + json.dumps(dataclasses.asdict(cfg)))
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -1241,58 +1370,68 @@ def train(cfg: GRPOConfig) -> dict:
     optimizer = make_optimizer(cfg, policy)
     end_ids = end_token_ids(tokenizer, policy)
     n_params = sum(p.numel() for p in policy.parameters())
-    print(f"model: {cfg.model} ({n_params / 1e6:.0f}M params, loaded in {time.perf_counter() - t0:.0f}s), "
-          f"{'chat' if data.has_chat_template(tokenizer) else 'plain Q/A'} prompts, end tokens {end_ids}")
+    log(f"model: {cfg.model} ({n_params / 1e6:.0f}M params, loaded in {time.perf_counter() - t0:.0f}s), "
+        f"{'chat' if data.has_chat_template(tokenizer) else 'plain Q/A'} prompts, end tokens {end_ids}")
 
     metrics = {"config": dataclasses.asdict(cfg), "runtime": runtime, "steps": [], "eval": []}
     start_step = 0
     if cfg.resume:
         ckpt = latest_checkpoint(paths.checkpoints)
-        start_step, metrics = load_checkpoint(ckpt, policy, optimizer)
+        start_step, metrics = load_checkpoint(ckpt, policy, optimizer, d.world)
         metrics["config"] = dataclasses.asdict(cfg)
-        drop_samples_after(paths.samples, start_step)  # those steps run again
-        print(f"resumed from {ckpt} at step {start_step}")
+        if d.main:
+            drop_samples_after(paths.samples, start_step)  # those steps run again
+        log(f"resumed from {ckpt} at step {start_step}")
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     val = eval_problems(cfg)
 
     def run_eval(step):
         t = time.perf_counter()
-        rec = {"step": step, **evaluate(policy, tokenizer, val, cfg, end_ids, autocast)}
+        rec = {"step": step, **evaluate(policy, tokenizer, val, cfg, end_ids, autocast, d)}
         rec["seconds"] = time.perf_counter() - t
         metrics["eval"].append(rec)
-        tqdm.write(eval_line(rec))
+        log(eval_line(rec))
 
     if start_step == 0:
         run_eval(0)
-        write_json_atomic(paths.metrics, metrics)
+        if d.main:
+            write_json_atomic(paths.metrics, metrics)
     with StopFlag() as stop, tqdm(total=cfg.num_iterations, initial=start_step, desc="GRPO",
-                                  dynamic_ncols=True, file=sys.stderr) as bar:
+                                  dynamic_ncols=True, file=sys.stderr, disable=not d.main) as bar:
         for step in range(start_step + 1, cfg.num_iterations + 1):
-            record, rows = grpo_step(step, cfg, policy, ref_model, optimizer, tokenizer, end_ids, autocast)
+            record, rows = grpo_step(step, cfg, policy, ref_model, optimizer, tokenizer, end_ids, autocast, d)
             metrics["steps"].append(record)
             done = [r["step_seconds"] for r in metrics["steps"][-20:]]
-            tqdm.write(progress_line(record, cfg.num_iterations, (cfg.num_iterations - step) * sum(done) / len(done)))
+            log(progress_line(record, cfg.num_iterations, (cfg.num_iterations - step) * sum(done) / len(done)))
             if step % cfg.eval_every == 0 or step == cfg.num_iterations:
                 run_eval(step)
-            write_json_atomic(paths.metrics, metrics)
-            if step % cfg.sample_every == 0 or step == 1:
-                with open(paths.samples, "a") as f:
-                    f.writelines(json.dumps(json_safe(r)) + "\n" for r in rows)
-            if step % cfg.plot_every == 0 or step == cfg.num_iterations:
-                plot_metrics.plot_all(metrics, cfg.output_dir)
+            if d.main:
+                write_json_atomic(paths.metrics, metrics)
+                if step % cfg.sample_every == 0 or step == 1:
+                    with open(paths.samples, "a") as f:
+                        f.writelines(json.dumps(json_safe(r)) + "\n" for r in rows)
+                if step % cfg.plot_every == 0 or step == cfg.num_iterations:
+                    plot_metrics.plot_all(metrics, cfg.output_dir)
             bar.set_postfix(reward=f"{record['reward_mean']:.3f}", acc=f"{record['accuracy']:.2f}",
                             kl=f"{record['kl']:.4f}")
             bar.update(1)
-            if (cfg.save_every and step % cfg.save_every == 0) or stop.requested:
-                path = save_checkpoint(paths.checkpoints, step, policy, optimizer, metrics)
-                if stop.requested:
-                    tqdm.write(f"saved {path}; continue with: python train_grpo.py --resume "
-                               f"--output_dir {cfg.output_dir}")
+            # a signal may reach one rank only: all stop together, after the same step
+            stopping = all_reduce_floats([float(stop.requested)], d, op="max")[0] > 0
+            if (cfg.save_every and step % cfg.save_every == 0) or stopping:
+                if d.main:
+                    save_checkpoint(paths.checkpoints, step, policy, optimizer, metrics, world=d.world)
+                barrier(d)
+                if stopping:
+                    launch = "python" if d.world == 1 else f"torchrun --nproc_per_node {d.world}"
+                    log(f"saved {paths.checkpoints / f'step_{step:06d}'}; continue with: {launch} train_grpo.py "
+                        f"--resume --output_dir {cfg.output_dir}")
                     return metrics
-    save_final_model(paths.saved_model, policy, optimizer, tokenizer, cfg)
+    if d.main:
+        save_final_model(paths.saved_model, policy, optimizer, tokenizer, cfg)
+    barrier(d)
     first, last = metrics["eval"][0], metrics["eval"][-1]
-    print(f"done: greedy val accuracy {first['accuracy']:.3f} (step {first['step']}) -> "
-          f"{last['accuracy']:.3f} (step {last['step']}); model saved to {paths.saved_model}")
+    log(f"done: greedy val accuracy {first['accuracy']:.3f} (step {first['step']}) -> "
+        f"{last['accuracy']:.3f} (step {last['step']}); model saved to {paths.saved_model}")
     return metrics
 
 
@@ -1306,21 +1445,26 @@ def main(argv=None) -> int:
     # Read by PyTorch when CUDA's allocator starts, so set before anything touches CUDA.
     # Expandable segments stop fragmentation OOMs from generate's varying tensor shapes.
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    rank = int(os.environ.get("RANK", "0"))  # set by torchrun: say things once, not once per process
     try:
         cfg = parse_args(argv)
     except UsageError as err:
-        print(f"train_grpo.py: error: {err}", file=sys.stderr)
+        if rank == 0:
+            print(f"train_grpo.py: error: {err}", file=sys.stderr)
         return 2
-    if cfg.eval_size < 100:
+    if rank == 0 and cfg.eval_size < 100:
         print(f"note: --eval_size {cfg.eval_size} < 100: val accuracy will be too noisy to compare runs")
-    if cfg.preset == "cpu" and "--preset" not in " ".join(argv):
+    if rank == 0 and cfg.preset == "cpu" and "--preset" not in " ".join(argv):
         print("No CUDA device: running --preset cpu (bundled SmolLM2-135M, arithmetic, ~17 min). "
               "Pass --preset none for the seed config anyway.")
     try:
         train(cfg)
     except UsageError as err:
-        print(f"train_grpo.py: error: {err}", file=sys.stderr)
+        print(f"train_grpo.py: error: {f'[rank {rank}] ' if rank else ''}{err}", file=sys.stderr)
         return 2
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     return 0
 
 

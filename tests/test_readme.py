@@ -4,6 +4,7 @@ configuration table is the output of --help.
     python -m pytest tests/test_readme.py -v
 """
 
+import json
 import re
 import shlex
 import subprocess
@@ -25,6 +26,7 @@ TESTED = {
     "python train_grpo.py": "test_train.py",
     "python inference.py": "test_readme_inference_commands_run",
     "python plot_metrics.py": "test_readme_plot_commands_run",
+    "torchrun": "test_readme_torchrun_commands_run_in_smoke_form",
 }
 
 
@@ -113,3 +115,30 @@ def test_readme_gpu_command_runs_in_smoke_form(tiny_model_dir, tmp_path):
         out = run_readme_line(f"{command} {smoke}", tmp_path)
         assert out.returncode == 0, (command, out.stderr[-2000:])
         assert (tmp_path / "saved_model").is_dir()
+
+
+def test_readme_torchrun_commands_run_in_smoke_form(tiny_model_dir, tmp_path):
+    """Both launch lines, on CPU with 2 processes on this one machine and a tiny model: the
+    flags parse, the processes meet, train one step and write one set of outputs."""
+    import socket
+    commands = [c for c in readme_commands() if c.startswith("torchrun")]
+    assert any("--rdzv_endpoint" in c for c in commands) and len(commands) == 2
+    smoke = ("--model {} --device cpu --num_iterations 1 --batch_size 1 --num_generations 2 --max_new_tokens 4 "
+             "--eval_size 2 --save_every 0").format(tiny_model_dir)
+    for n, command in enumerate(commands):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        command = re.sub(r"--nproc_per_node \d+", "--nproc_per_node 2", command)
+        command = command.replace("--nnodes 2", "--nnodes 1").replace("HOST:29500", f"127.0.0.1:{port}")
+        if "--rdzv_endpoint" not in command:
+            command = command.replace("torchrun", f"torchrun --master_port {port}", 1)
+        argv = [sys.executable, "-m", "torch.distributed.run", *shlex.split(command)[1:]]
+        script = argv.index("train_grpo.py")
+        argv[script] = str(ROOT / "train_grpo.py")
+        out_dir = tmp_path / str(n)
+        out = subprocess.run(argv + shlex.split(smoke) + ["--output_dir", str(out_dir)], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, (command, out.stderr[-3000:])
+        assert "2 processes (gloo)" in json.loads((out_dir / "grpo_metrics.json").read_text())["runtime"]
+        assert out.stdout.count("step 1/1") == 1  # one process speaks
