@@ -103,6 +103,8 @@ def bench_step(args, train_args):
         model, tokenizer = random_model(args.random, device)
         # Hand the in-memory model to the real loop instead of writing GBs of random weights.
         train_grpo.load_model_and_tokenizer = lambda name, dtype: (model.to(dtype), tokenizer)
+        from transformers.utils import logging as hf_logging
+        hf_logging.set_verbosity_error()  # as load_model_and_tokenizer would
         model_flag = f"random-{args.random}"
         print(f"random {args.random}: {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params on {device}")
     else:
@@ -119,8 +121,10 @@ def bench_step(args, train_args):
         steps = json.loads((Path(out) / "grpo_metrics.json").read_text())["steps"]
     timed = steps[1:] or steps
     mean = lambda key: statistics.mean(s[key] for s in timed)
-    print(f"\n{len(steps)} steps ({len(timed)} timed): {mean('step_seconds'):.2f} s/step "
-          f"(generation {mean('gen_seconds'):.2f} s), {mean('tokens_per_second'):.0f} completion tokens/s, "
+    print(f"\n{len(steps)} steps ({len(timed)} timed; the first, warm-up, took {steps[0]['step_seconds']:.2f} s): "
+          f"{mean('step_seconds'):.2f} s/step = generation {mean('gen_seconds'):.2f} + reference/old log-probs "
+          f"{mean('ref_seconds'):.2f} + policy forward/backward {mean('train_seconds'):.2f} + optimizer "
+          f"{mean('optimizer_seconds'):.2f} s; {mean('tokens_per_second'):.0f} completion tokens/s, "
           f"mean completion {mean('completion_len'):.0f} tokens, peak memory {max(s['peak_memory_gb'] for s in steps):.2f} GB")
     return 0
 

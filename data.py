@@ -188,6 +188,18 @@ def task_of(problem: dict) -> str:
     return "countdown" if "numbers" in problem else "arithmetic"
 
 
+COUNTDOWN_TARGET_RANGES = ((1, 10), (11, 25), (26, 50), (51, 100))
+
+
+def problem_category(problem: dict) -> str:
+    """The slice of the val set a problem belongs to, for accuracy broken down by slice:
+    its operator for arithmetic ("+", "-", "*"; subtraction with negative answers is where
+    small models fail), its target range for countdown ("11-25")."""
+    if task_of(problem) == "countdown":
+        return next(f"{lo}-{hi}" for lo, hi in COUNTDOWN_TARGET_RANGES if lo <= problem["target"] <= hi)
+    return problem["question"].split()[3]
+
+
 def problem_question(problem: dict) -> str:
     if task_of(problem) == "countdown":
         return countdown_question(problem["numbers"], problem["target"])

@@ -1022,10 +1022,27 @@ def evaluate(model, tokenizer, problems, cfg: GRPOConfig, end_ids, autocast=None
     grades = [grade(text, problem, plain) for problem, text in zip(problems, texts)]
     samples = [{"question": data.problem_question(p), "completion": t, "reward": g.reward}
                for p, t, g in list(zip(problems, texts, grades))[:3]]
-    n = len(grades)
-    return {"accuracy": sum(g.correct for g in grades) / n,
+    n, correct = len(grades), sum(g.correct for g in grades)
+    by_category = {}
+    for problem, g in zip(problems, grades):
+        by_category.setdefault(data.problem_category(problem), []).append(g.correct)
+    return {"accuracy": correct / n, "accuracy_ci95": wilson_interval(correct, n),
             "format_rate": sum(is_formatted(g, plain) for g in grades) / n,
-            "reward_mean": sum(g.reward for g in grades) / n, "n": n, "samples": samples}
+            "reward_mean": sum(g.reward for g in grades) / n, "n": n,
+            "by_category": {c: {"n": len(v), "accuracy": sum(v) / len(v)} for c, v in sorted(by_category.items())},
+            "samples": samples}
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> list:
+    """95% interval for an accuracy of successes / n (Wilson score): unlike the normal
+    approximation it stays inside [0, 1] and is honest at 0/n, which is where a base
+    model starts. 45/104 gives [0.34, 0.53]: two runs closer than that are not different."""
+    if n == 0:
+        return [0.0, 1.0]
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [0.0 if successes == 0 else centre - half, 1.0 if successes == n else centre + half]
 
 
 def is_formatted(g: Grade, plain: bool) -> bool:
@@ -1239,10 +1256,12 @@ def policy_update(policy, ref_model, optimizer, rollouts: Rollouts, advantages, 
             return torch.cat([completion_logprobs(model, slice_rollouts(rollouts, s), cfg.temperature,
                                                   autocast)[0] for s in slices])
 
+    clock = PhaseClock(mask.device)
     ref_logp = logprobs_of(ref_model) if cfg.beta > 0 else None
     # With one inner update the sampling policy is the current one: reuse its log-probs
     # (detached, below) instead of paying for a second forward pass.
     old_logp = logprobs_of(policy) if cfg.num_inner_updates > 1 else None
+    seconds = {"ref_seconds": clock.lap(), "train_seconds": 0.0, "optimizer_seconds": 0.0}
     params = [p for p in policy.parameters() if p.requires_grad]
     sums = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "ratio_mean": 0.0, "entropy": 0.0}
     skipped, grad_norm = 0, float("nan")
@@ -1263,6 +1282,7 @@ def policy_update(policy, ref_model, optimizer, rollouts: Rollouts, advantages, 
             for key in ("kl", "clip_frac", "ratio_mean"):
                 sums[key] += stats[key] * share / cfg.num_inner_updates
             sums["entropy"] += float(entropy[sub.completion_mask].sum()) / float(total_tokens) / cfg.num_inner_updates
+        seconds["train_seconds"] += clock.lap()
         all_reduce_gradients(params, d)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm))
         sums["loss"] += loss_total / cfg.num_inner_updates
@@ -1272,7 +1292,25 @@ def policy_update(policy, ref_model, optimizer, rollouts: Rollouts, advantages, 
         else:
             skipped += 1
         optimizer.zero_grad(set_to_none=True)
-    return dict(sums, grad_norm=grad_norm, skipped_updates=skipped)
+        seconds["optimizer_seconds"] += clock.lap()
+    return dict(sums, grad_norm=grad_norm, skipped_updates=skipped, **seconds)
+
+
+class PhaseClock:
+    """Seconds since the previous lap, for the phase timings in the metrics. CUDA runs
+    asynchronously, so each lap first waits for the GPU; otherwise a phase's time would
+    be charged to whichever later phase happens to block."""
+
+    def __init__(self, device):
+        self.cuda = str(device).startswith("cuda")
+        self.last = time.perf_counter()
+
+    def lap(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        seconds, self.last = now - self.last, now
+        return seconds
 
 
 def grpo_step(step: int, cfg: GRPOConfig, policy, ref_model, optimizer, tokenizer, end_ids,
@@ -1310,7 +1348,10 @@ def grpo_step(step: int, cfg: GRPOConfig, policy, ref_model, optimizer, tokenize
     means = dict(zip(means, (v / d.world for v in all_reduce_floats(list(means.values()), d))))
     shares = ("loss", "kl", "clip_frac", "ratio_mean", "entropy")
     update.update(zip(shares, all_reduce_floats([update[k] for k in shares], d)))
-    seconds, gen_seconds, peak = all_reduce_floats([seconds, gen_seconds, peak_memory_gb(device)], d, op="max")
+    phases = ("ref_seconds", "train_seconds", "optimizer_seconds")
+    slowest = all_reduce_floats([seconds, gen_seconds, peak_memory_gb(device), *(update[k] for k in phases)], d, op="max")
+    seconds, gen_seconds, peak = slowest[:3]
+    update.update(zip(phases, slowest[3:]))
     n = len(grades) * d.world
     variance = max(means.pop("reward_sq") - means["reward_mean"] ** 2, 0.0) * n / max(n - 1, 1)
     record = {
@@ -1335,7 +1376,9 @@ def progress_line(rec: dict, total: int, eta_seconds: float) -> str:
 
 
 def eval_line(rec: dict) -> str:
-    return (f"eval @ step {rec['step']}: greedy accuracy {rec['accuracy']:.3f}, "
+    lo, hi = rec["accuracy_ci95"]
+    parts = ", ".join(f"{c} {v['accuracy']:.2f}" for c, v in rec["by_category"].items())
+    return (f"eval @ step {rec['step']}: greedy accuracy {rec['accuracy']:.3f} (95% CI {lo:.2f}-{hi:.2f}; {parts}), "
             f"format {rec['format_rate']:.3f} on {rec['n']} val problems ({rec['seconds']:.0f}s)")
 
 

@@ -125,3 +125,13 @@ def test_arithmetic_eval_set_is_distinct_and_all_of_a_small_split():
     assert generate_arithmetic_problems(10, "val", seed=3, unique=True) == val[:10]
     train = {p["question"] for p in generate_arithmetic_problems(2000, "train", seed=0)}
     assert not train & set(questions)
+
+
+def test_problem_category_is_the_operator_or_the_target_range():
+    from data import problem_category
+    assert problem_category({"question": "what is 3 - 17?", "answer": "-14"}) == "-"
+    assert problem_category({"numbers": [2, 4, 6], "target": 10}) == "1-10"
+    assert problem_category({"numbers": [2, 4, 6], "target": 11}) == "11-25"
+    assert problem_category({"numbers": [10, 10, 2], "target": 100}) == "51-100"
+    val = generate_arithmetic_problems(200, "val", unique=True)
+    assert sorted({problem_category(p) for p in val}) == ["*", "+", "-"]

@@ -345,6 +345,32 @@ def test_a_torn_last_sample_line_does_not_stop_a_resume(tiny_model_dir, tmp_path
     assert [r["step"] for r in rows] == [1] * 6 + [2] * 6
 
 
+def test_eval_reports_an_interval_and_accuracy_per_operator(tiny_model_dir, monkeypatch):
+    """A stand-in model that answers every + question right and nothing else."""
+    model, tok = train_grpo.load_model_and_tokenizer(tiny_model_dir, torch.float32)
+    val = data.generate_arithmetic_problems(200, "val", unique=True)
+
+    def answers(model, tokenizer, prompts, *args, **kwargs):
+        texts = []
+        for prompt in prompts:
+            problem = next(p for p in val if p["question"] in prompt)
+            right = problem["question"].split()[3] == "+"
+            texts.append(f"<think>ok</think><answer>{problem['answer'] if right else 'x'}</answer>")
+        return train_grpo.Rollouts(None, None, None, 0, texts, None)
+
+    monkeypatch.setattr(train_grpo, "generate_rollouts", answers)
+    cfg = parse_args(["--model", tiny_model_dir, "--preset", "none", "--task", "arithmetic", "--eval_batch_size", "16"])
+    rec = train_grpo.evaluate(model, tok, val, cfg, [tok.eos_token_id])
+    assert rec["n"] == 104 and rec["accuracy"] == pytest.approx(39 / 104)
+    assert rec["by_category"] == {"*": {"n": 16, "accuracy": 0.0}, "+": {"n": 39, "accuracy": 1.0},
+                                  "-": {"n": 49, "accuracy": 0.0}}
+    lo, hi = rec["accuracy_ci95"]
+    assert lo == pytest.approx(0.2880, abs=1e-4) and hi == pytest.approx(0.4709, abs=1e-4)  # Wilson, 39/104
+    assert train_grpo.wilson_interval(0, 104)[0] == 0.0 and train_grpo.wilson_interval(104, 104)[1] == 1.0
+    line = train_grpo.eval_line(dict(rec, step=0, seconds=1.0))
+    assert "95% CI 0.29-0.47" in line and "+ 1.00" in line and "- 0.00" in line
+
+
 # --- CLI
 
 def test_help_lists_every_field_with_its_default():
