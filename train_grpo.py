@@ -11,10 +11,12 @@ How this departs from a textbook policy gradient, and from DeepSeekMath's GRPO:
      ones, detached), so the clip never bites and the update is plain REINFORCE with group
      baselines; the clip matters only with several inner updates on one batch.
   3) --loss_type chooses how token losses are averaged (see `grpo_loss`).
+  4) A bf16 model is trained through float32 master weights (see `MasterWeights`).
 
     python train_grpo.py                        # seed config: Qwen2.5-1.5B-Instruct on CUDA
     python train_grpo.py --preset cpu           # bundled SmolLM2-135M, ~17 min on 2 CPU cores
     python train_grpo.py --resume               # continue the run in --output_dir
+    torchrun --nproc_per_node 8 train_grpo.py   # 8 GPUs, batch_size prompts on each
     python train_grpo.py --help                 # every flag, with its default
 """
 
@@ -448,7 +450,8 @@ def load_model_and_tokenizer(name: str, dtype: torch.dtype):
     if gguf_file:
         # The weights are now plain tensors; dropping the GGUF marker lets save_pretrained
         # write an ordinary checkpoint that from_pretrained reloads without the .gguf file.
-        model.config.quantization_config = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config  # (set to None, 4.x fails to serialise the config)
         model.hf_quantizer = None
         if hasattr(model.config, "_name_or_path"):
             model.config._name_or_path = name
@@ -536,7 +539,8 @@ def cpu_has_bf16() -> bool:
 
 
 def choose_runtime(cfg: GRPOConfig):
-    """-> (device, weight dtype, autocast dtype or None, one-line reason). Raises UsageError."""
+    """-> (device, weight dtype, one-line reason). Raises UsageError. CPU autocast is
+    decided once the model's width is known (choose_cpu_autocast)."""
     cuda = torch.cuda.is_available()
     if cfg.device == "cuda" and not cuda:
         raise UsageError("--device cuda but this PyTorch sees no CUDA device; use --device cpu or --preset cpu")
@@ -546,15 +550,42 @@ def choose_runtime(cfg: GRPOConfig):
         if cfg.dtype in ("auto", "bfloat16") and not torch.cuda.is_bf16_supported():
             raise UsageError(f"{name} has no bfloat16 support; pass --dtype float32")
         dtype = torch.float32 if cfg.dtype == "float32" else torch.bfloat16
-        return device, dtype, None, f"cuda ({name}, SM {cap[0]}.{cap[1]}), {weights_note(cfg, dtype)}"
+        return device, dtype, f"cuda ({name}, SM {cap[0]}.{cap[1]}), {weights_note(cfg, dtype)}"
     dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
-    if dtype == torch.bfloat16:
-        return device, dtype, None, f"cpu ({weights_note(cfg, dtype)}; --dtype bfloat16)"
-    bf16_units = cpu_has_bf16()
-    use_autocast = cfg.cpu_autocast == "on" or (cfg.cpu_autocast == "auto" and bf16_units and dtype == torch.float32)
-    why = ("CPU has bf16 units" if bf16_units else "CPU lacks bf16 units") + f", --cpu_autocast {cfg.cpu_autocast}"
-    how = "bf16 autocast over float32 weights" if use_autocast else f"{dtype_name(dtype)}, no autocast"
-    return device, dtype, (torch.bfloat16 if use_autocast else None), f"cpu ({how}; {why})"
+    return device, dtype, f"cpu ({weights_note(cfg, dtype)}"
+
+
+def choose_cpu_autocast(cfg: GRPOConfig, device, dtype, width: int) -> tuple:
+    """-> (torch.bfloat16 or None, the reason, to end the device line).
+
+    On CPU, bf16 autocast over float32 weights is 3x faster on one AVX512-BF16 machine and
+    1.33x slower on another with the same flags, so `auto` decides by timing a float32 and
+    a bf16 matmul of the model's width (well under a second). Only where oneDNN reports bf16
+    units: without them bf16 is emulated, ~500x slower, and even timing it would take seconds."""
+    if device != "cpu" or dtype != torch.float32:
+        return None, ")" if device == "cpu" else ""
+    if cfg.cpu_autocast != "auto":
+        on = cfg.cpu_autocast == "on"
+        return (torch.bfloat16 if on else None), f", {'bf16 autocast' if on else 'no autocast'}; --cpu_autocast {cfg.cpu_autocast})"
+    if not cpu_has_bf16():
+        return None, ", no autocast; CPU lacks bf16 units, --cpu_autocast auto)"
+    f32, bf16 = matmul_gflops(width, torch.float32), matmul_gflops(width, torch.bfloat16)
+    on = bf16 > f32
+    return ((torch.bfloat16 if on else None),
+            f", {'bf16 autocast' if on else 'no autocast'}; matmul at width {width}: bf16 {bf16:.0f} vs "
+            f"float32 {f32:.0f} GFLOP/s, --cpu_autocast auto)")
+
+
+def matmul_gflops(width: int, dtype: torch.dtype, rows: int = 256, reps: int = 3) -> float:
+    """Throughput of (rows, width) @ (width, 4 * width), the shape of an MLP up-projection."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(rows, width, generator=gen).to(dtype)
+    b = torch.randn(width, 4 * width, generator=gen).to(dtype)
+    a @ b  # warm-up: first calls pick kernels
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * rows * width * 4 * width * reps / (time.perf_counter() - start) / 1e9
 
 
 def weights_note(cfg: GRPOConfig, dtype: torch.dtype) -> str:
@@ -830,8 +861,10 @@ def generate_rollouts(model, tokenizer, prompts, num_generations: int, max_new_t
     was_training = model.training
     model.eval()  # checkpointing acts only in training mode, so the KV cache works here
     with autocast_context(device, autocast):
-        out = model.generate(**enc, generation_config=sampling_config(
-            temperature, max_new_tokens, end_ids, tokenizer.pad_token_id, greedy))
+        # only ids and mask: some tokenizers add token_type_ids, which decoders reject
+        out = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                             generation_config=sampling_config(temperature, max_new_tokens, end_ids,
+                                                               tokenizer.pad_token_id, greedy))
     model.train(was_training)
     P = enc["input_ids"].shape[1]
     completion_ids = out[:, P:]
@@ -852,6 +885,12 @@ def enable_checkpointing(model) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def is_checkpointing(model) -> bool:
+    if hasattr(model, "is_activation_checkpointing"):  # transformers 5's name
+        return bool(model.is_activation_checkpointing)
+    return bool(getattr(model, "is_gradient_checkpointing", False))
 
 
 def autocast_context(device, autocast_dtype):
@@ -876,21 +915,18 @@ def _chunk_logprobs(head, hidden, targets, temperature):
     return logp, entropy
 
 
-def completion_logprobs(model, rollouts: Rollouts, temperature: float, autocast=None):
+def completion_logprobs(model, rollouts: Rollouts, temperature: float, autocast=None, group_size: int = 1):
     """(N, L) log-prob of each completion token under `model` at the sampling temperature,
     and (N, L) entropies. Differentiable when grad is enabled.
 
-    The decoder runs once; the output head runs in row chunks, each under activation
-    checkpointing, so backward recomputes a chunk's logits instead of keeping all of
-    them (N * L * V floats: 64 * 160 * 152k * 4 B = 6 GB for the seed config on Qwen).
+    The decoder runs once (see completion_hidden_states); the output head runs in row
+    chunks, each under activation checkpointing, so backward recomputes a chunk's logits
+    instead of keeping all of them (N * L * V floats: 64 * 160 * 152k * 4 B = 6 GB for the
+    seed config on Qwen).
     """
-    input_ids, attention_mask, P = rollouts.input_ids, rollouts.attention_mask, rollouts.prompt_len
-    # Left padding shifts every prompt; positions must count real tokens only, as in generate.
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    input_ids, P = rollouts.input_ids, rollouts.prompt_len
     with autocast_context(input_ids.device, autocast):
-        hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                                  position_ids=position_ids, use_cache=False).last_hidden_state
-        hidden = hidden[:, P - 1:-1]                                       # (N, L, H) predicts tokens P..
+        hidden = completion_hidden_states(model, rollouts, group_size)  # (N, L, H) predicts tokens P..
         targets = input_ids[:, P:]                                         # (N, L)
         N, L, H = hidden.shape
         head = model.get_output_embeddings()
@@ -906,6 +942,38 @@ def completion_logprobs(model, rollouts: Rollouts, temperature: float, autocast=
             logps.append(lp)
             ents.append(ent)
     return torch.cat(logps).view(N, L), torch.cat(ents).view(N, L)
+
+
+def completion_hidden_states(model, rollouts: Rollouts, group_size: int = 1):
+    """(N, L, H): the decoder's hidden state at each position that predicts a completion token.
+
+    Rows come in groups of `group_size` completions of one prompt. Then the prompt runs
+    once per group and its keys and values are repeated for the group's completions,
+    instead of G identical copies of it: on the cpu preset ~100 of ~130 positions are
+    prompt, so this pass does ~3x less work. Gradients through the repeated keys and
+    values add up over the group, exactly as the G copies' would. Not under gradient
+    checkpointing in training mode, where transformers drops any KV cache handed to a layer;
+    there every row runs its whole sequence.
+    """
+    input_ids, attention_mask, P = rollouts.input_ids, rollouts.attention_mask, rollouts.prompt_len
+    # Left padding shifts every prompt; positions must count real tokens only, as in generate.
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    G, (N, total) = group_size, input_ids.shape
+    if G == 1 or N % G or (model.training and is_checkpointing(model)):
+        hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                  position_ids=position_ids, use_cache=False).last_hidden_state
+        return hidden[:, P - 1:-1]
+    prompt = model.base_model(input_ids=input_ids[::G, :P], attention_mask=attention_mask[::G, :P],
+                              position_ids=position_ids[::G, :P], use_cache=True)  # (B, P, H), one per group
+    last = prompt.last_hidden_state[:, -1:].repeat_interleave(G, dim=0)      # (N, 1, H) predicts token P
+    if total - P == 1:
+        return last
+    cache = prompt.past_key_values
+    cache.batch_repeat_interleave(G)                                          # (B, ...) -> (N, ...)
+    rest = model.base_model(input_ids=input_ids[:, P:-1], attention_mask=attention_mask[:, :-1],
+                            position_ids=position_ids[:, P:-1], past_key_values=cache,
+                            use_cache=True).last_hidden_state                 # (N, L - 1, H)
+    return torch.cat([last, rest], dim=1)
 
 
 # -----------------------------------------------------------------------------
@@ -1251,10 +1319,17 @@ def policy_update(policy, ref_model, optimizer, rollouts: Rollouts, advantages, 
     total_sequences = N * d.world
     total_tokens = torch.tensor(all_reduce_floats([float(mask.sum())], d)[0], device=mask.device).clamp(min=1)
 
+    # The prompt once per group (completion_hidden_states) where the policy's own pass can
+    # do it, and then in every pass: while policy and reference are equal their log-probs
+    # must agree exactly, or a 1e-7 difference is a KL gradient that Adam scales into a
+    # full-size step whenever the advantages are all zero (as at the start of a run).
+    share = mb % cfg.num_generations == 0 and not (policy.training and is_checkpointing(policy))
+    G = cfg.num_generations if share else 1
+
     def logprobs_of(model):  # (N, L), no grad, micro-batched like the update
         with torch.no_grad():
             return torch.cat([completion_logprobs(model, slice_rollouts(rollouts, s), cfg.temperature,
-                                                  autocast)[0] for s in slices])
+                                                  autocast, G)[0] for s in slices])
 
     clock = PhaseClock(mask.device)
     ref_logp = logprobs_of(ref_model) if cfg.beta > 0 else None
@@ -1270,7 +1345,7 @@ def policy_update(policy, ref_model, optimizer, rollouts: Rollouts, advantages, 
         loss_total = 0.0
         for s in slices:
             sub = slice_rollouts(rollouts, s)
-            logp, entropy = completion_logprobs(policy, sub, cfg.temperature, autocast)
+            logp, entropy = completion_logprobs(policy, sub, cfg.temperature, autocast, G)
             old = old_logp[s] if old_logp is not None else logp.detach()
             loss, stats = grpo_loss(logp, old, None if ref_logp is None else ref_logp[s], advantages[s],
                                     sub.completion_mask, cfg.beta, cfg.epsilon, cfg.loss_type,
@@ -1399,10 +1474,7 @@ def train(cfg: GRPOConfig) -> dict:
     paths = run_paths(cfg)
     check_outputs(cfg, paths, delete=d.main)
     barrier(d)
-    device, dtype, autocast, runtime = choose_runtime(cfg)
-    if d.world > 1:
-        runtime += f"; {d.world} processes ({torch.distributed.get_backend()})"
-    log(f"device: {runtime}")
+    device, dtype, runtime = choose_runtime(cfg)
     log("config: " + json.dumps(dataclasses.asdict(cfg)))
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -1410,6 +1482,9 @@ def train(cfg: GRPOConfig) -> dict:
 
     t0 = time.perf_counter()
     policy, ref_model, tokenizer = load_policy_and_reference(cfg, device, dtype)
+    autocast, why = choose_cpu_autocast(cfg, device, dtype, getattr(policy.config, "hidden_size", 1024))
+    runtime += why + (f"; {d.world} processes ({torch.distributed.get_backend()})" if d.world > 1 else "")
+    log(f"device: {runtime}")
     optimizer = make_optimizer(cfg, policy)
     end_ids = end_token_ids(tokenizer, policy)
     n_params = sum(p.numel() for p in policy.parameters())

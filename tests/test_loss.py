@@ -204,3 +204,33 @@ def test_chunked_logprobs_equal_naive_log_softmax(monkeypatch, tiny_model_dir):
     logp, _ = completion_logprobs(model, roll, T)
     logp.sum().backward()
     assert model.get_output_embeddings().weight.grad is not None
+
+
+@pytest.mark.parametrize("completion_len", [6, 1])
+def test_prompt_once_per_group_gives_the_same_logprobs_and_gradients(tiny_model_dir, completion_len):
+    """Two groups of 3 completions, prompts of different lengths (one left-padded): the
+    prompt-once pass must equal running every row's whole sequence, values and gradients."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).train()
+    V, G = model.config.vocab_size, 3
+    torch.manual_seed(2)
+    prompts = torch.randint(3, V, (2, 5))
+    prompts[1, :2] = 0                                   # the second prompt is 2 tokens shorter
+    prompt_ids = prompts.repeat_interleave(G, dim=0)     # (6, 5): rows of a group share their prompt
+    attn = torch.ones(6, 5 + completion_len, dtype=torch.long)
+    attn[G:, :2] = 0
+    ids = torch.cat([prompt_ids, torch.randint(3, V, (6, completion_len))], 1)
+    mask = torch.ones(6, completion_len, dtype=torch.bool)
+    roll = Rollouts(ids, attn, mask, 5, [""] * 6, torch.zeros(6, dtype=torch.bool))
+    weights = torch.randn(6, completion_len)
+    results = []
+    for group_size in (1, G):
+        model.zero_grad()
+        logp, entropy = completion_logprobs(model, roll, 0.9, group_size=group_size)
+        (logp * weights).sum().backward()
+        results.append((logp.detach(), entropy, [p.grad.clone() for p in model.parameters()]))
+    (full, full_ent, full_grads), (shared, shared_ent, shared_grads) = results
+    assert torch.allclose(shared, full, atol=1e-5) and torch.allclose(shared_ent, full_ent, atol=1e-4)
+    for a, b in zip(full_grads, shared_grads):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)

@@ -22,7 +22,7 @@ def test_smollm2_chat_template_renders_the_one_shot_chat(smollm2_gguf):
     assert "each number exactly once" in prompt[question:] and "<answer>" in prompt[question:]
     assert prompt.endswith("<|im_start|>assistant\n")
     # the prompt tokenizes to something SmolLM2 can read back exactly
-    assert tok.decode(tok(prompt)["input_ids"]) == prompt
+    assert tok.decode(tok(prompt, add_special_tokens=False)["input_ids"]) == prompt  # as generate_rollouts encodes
 
     arithmetic = build_prompt(tok, "what is 15 + 8?")
     assert "<|im_start|>user\nwhat is 15 + 8?" in arithmetic and "<answer>42</answer>" in arithmetic

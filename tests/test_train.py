@@ -275,12 +275,16 @@ def test_dropout_is_off_while_scoring_so_the_first_update_starts_at_kl_zero(gpt2
     again, _ = train_grpo.completion_logprobs(policy, roll, 1.0)
     of_ref, _ = train_grpo.completion_logprobs(ref, roll, 1.0)
     assert torch.equal(first, again) and torch.equal(first, of_ref)
-    # end to end: step 1 scores policy and reference before any update, so KL is exactly 0
-    args = tiny_args(gpt2_dropout_model_dir, tmp_path, "--task", "arithmetic", "--num_iterations", "1",
-                     "--num_inner_updates", "2", "--save_every", "0")
-    assert train_grpo.main(args) == 0
-    step = steps_of(tmp_path)[0]
-    assert step["kl"] == 0 and step["clip_frac"] == 0
+    # End to end: a random model earns no reward, so the only gradient is the KL's, which
+    # is exactly 0 while policy and reference agree exactly (with or without checkpointing,
+    # which decides whether the prompt runs once per group): no update moves anything.
+    for checkpointing in ("true", "false"):
+        out = tmp_path / checkpointing
+        args = tiny_args(gpt2_dropout_model_dir, out, "--task", "arithmetic", "--num_iterations", "1",
+                         "--num_inner_updates", "2", "--save_every", "0", "--gradient_checkpointing", checkpointing)
+        assert train_grpo.main(args) == 0
+        step = steps_of(out)[0]
+        assert step["kl"] == 0 and step["clip_frac"] == 0 and step["reward_mean"] == 0
 
 
 def test_checkpointing_is_switched_on_once_and_the_saved_config_keeps_use_cache(tiny_model_dir, tmp_path,
@@ -369,6 +373,35 @@ def test_eval_reports_an_interval_and_accuracy_per_operator(tiny_model_dir, monk
     assert train_grpo.wilson_interval(0, 104)[0] == 0.0 and train_grpo.wilson_interval(104, 104)[1] == 1.0
     line = train_grpo.eval_line(dict(rec, step=0, seconds=1.0))
     assert "95% CI 0.29-0.47" in line and "+ 1.00" in line and "- 0.00" in line
+
+
+@pytest.mark.parametrize("bf16_units, bf16_speed, flag, expected", [
+    (True, 300.0, "auto", torch.bfloat16),   # AMD EPYC with AVX512-BF16: bf16 3x faster
+    (True, 50.0, "auto", None),              # Intel Xeon with the same flags: bf16 2x slower
+    (False, None, "auto", None),             # emulated bf16: not even timed
+    (False, None, "on", torch.bfloat16),
+    (True, 300.0, "off", None),
+])
+def test_cpu_autocast_auto_is_decided_by_timing_a_matmul(monkeypatch, bf16_units, bf16_speed, flag, expected):
+    timed = []
+
+    def gflops(width, dtype, **kwargs):
+        timed.append((width, dtype))
+        return bf16_speed if dtype == torch.bfloat16 else 100.0
+
+    monkeypatch.setattr(train_grpo, "cpu_has_bf16", lambda: bf16_units)
+    monkeypatch.setattr(train_grpo, "matmul_gflops", gflops)
+    cfg = parse_args(["--preset", "none", "--device", "cpu", "--cpu_autocast", flag])
+    autocast, why = train_grpo.choose_cpu_autocast(cfg, "cpu", torch.float32, 576)
+    assert autocast == expected
+    assert (len(timed) == 2 and "width 576" in why) == (flag == "auto" and bf16_units)
+    assert ("bf16 autocast" in why) == (expected is not None) and why.endswith(")")
+    assert train_grpo.choose_cpu_autocast(cfg, "cpu", torch.bfloat16, 576)[0] is None  # bf16 weights already
+
+
+def test_matmul_timing_returns_a_throughput_for_both_dtypes():
+    assert train_grpo.matmul_gflops(64, torch.float32, rows=8) > 0
+    assert train_grpo.matmul_gflops(64, torch.bfloat16, rows=8) > 0
 
 
 # --- CLI
