@@ -102,7 +102,7 @@ PRESETS = {
     # countdown mostly teaches the format at this size.
     "cpu": dict(model=BUNDLED_ALIAS, task="arithmetic", num_iterations=30, batch_size=2,
                 num_generations=8, max_new_tokens=48, temperature=1.0, learning_rate=2e-5,
-                beta=0.01, eval_every=15, eval_size=100, eval_batch_size=50, plot_every=5,
+                beta=0.01, eval_every=15, eval_size=104, eval_batch_size=52, plot_every=5,
                 sample_every=5, save_every=10, gradient_checkpointing=False),
 }
 CHOICES = {"task": data.TASKS, "preset": ("", *PRESETS), "loss_type": ("grpo", "dr_grpo", "dapo"),
@@ -555,18 +555,22 @@ def choose_runtime(cfg: GRPOConfig):
     return device, dtype, f"cpu ({weights_note(cfg, dtype)}"
 
 
-def choose_cpu_autocast(cfg: GRPOConfig, device, dtype, width: int) -> tuple:
+def choose_cpu_autocast(cfg: GRPOConfig, device, dtype, width: int, resumed=None) -> tuple:
     """-> (torch.bfloat16 or None, the reason, to end the device line).
 
     On CPU, bf16 autocast over float32 weights is 3x faster on one AVX512-BF16 machine and
     1.33x slower on another with the same flags, so `auto` decides by timing a float32 and
     a bf16 matmul of the model's width (well under a second). Only where oneDNN reports bf16
-    units: without them bf16 is emulated, ~500x slower, and even timing it would take seconds."""
+    units: without them bf16 is emulated, ~500x slower, and even timing it would take seconds.
+    A resumed run (`resumed`: the choice it started with) keeps its numerics."""
     if device != "cpu" or dtype != torch.float32:
         return None, ")" if device == "cpu" else ""
     if cfg.cpu_autocast != "auto":
         on = cfg.cpu_autocast == "on"
         return (torch.bfloat16 if on else None), f", {'bf16 autocast' if on else 'no autocast'}; --cpu_autocast {cfg.cpu_autocast})"
+    if resumed is not None:
+        return (torch.bfloat16 if resumed else None), \
+            f", {'bf16 autocast' if resumed else 'no autocast'} as when the run started, --cpu_autocast auto)"
     if not cpu_has_bf16():
         return None, ", no autocast; CPU lacks bf16 units, --cpu_autocast auto)"
     f32, bf16 = matmul_gflops(width, torch.float32), matmul_gflops(width, torch.bfloat16)
@@ -576,16 +580,19 @@ def choose_cpu_autocast(cfg: GRPOConfig, device, dtype, width: int) -> tuple:
             f"float32 {f32:.0f} GFLOP/s, --cpu_autocast auto)")
 
 
-def matmul_gflops(width: int, dtype: torch.dtype, rows: int = 256, reps: int = 3) -> float:
-    """Throughput of (rows, width) @ (width, 4 * width), the shape of an MLP up-projection."""
+def matmul_gflops(width: int, dtype: torch.dtype, rows: int = 256, reps: int = 5) -> float:
+    """Throughput of (rows, width) @ (width, 4 * width), the shape of an MLP up-projection,
+    from the fastest of `reps` calls: a VM's noise only ever makes a call slower."""
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(rows, width, generator=gen).to(dtype)
     b = torch.randn(width, 4 * width, generator=gen).to(dtype)
     a @ b  # warm-up: first calls pick kernels
-    start = time.perf_counter()
+    fastest = float("inf")
     for _ in range(reps):
+        start = time.perf_counter()
         a @ b
-    return 2 * rows * width * 4 * width * reps / (time.perf_counter() - start) / 1e9
+        fastest = min(fastest, time.perf_counter() - start)
+    return 2 * rows * width * 4 * width / fastest / 1e9
 
 
 def weights_note(cfg: GRPOConfig, dtype: torch.dtype) -> str:
@@ -1482,23 +1489,30 @@ def train(cfg: GRPOConfig) -> dict:
 
     t0 = time.perf_counter()
     policy, ref_model, tokenizer = load_policy_and_reference(cfg, device, dtype)
-    autocast, why = choose_cpu_autocast(cfg, device, dtype, getattr(policy.config, "hidden_size", 1024))
-    runtime += why + (f"; {d.world} processes ({torch.distributed.get_backend()})" if d.world > 1 else "")
-    log(f"device: {runtime}")
     optimizer = make_optimizer(cfg, policy)
     end_ids = end_token_ids(tokenizer, policy)
     n_params = sum(p.numel() for p in policy.parameters())
-    log(f"model: {cfg.model} ({n_params / 1e6:.0f}M params, loaded in {time.perf_counter() - t0:.0f}s), "
-        f"{'chat' if data.has_chat_template(tokenizer) else 'plain Q/A'} prompts, end tokens {end_ids}")
 
-    metrics = {"config": dataclasses.asdict(cfg), "runtime": runtime, "steps": [], "eval": []}
-    start_step = 0
+    metrics = {"config": dataclasses.asdict(cfg), "steps": [], "eval": []}
+    start_step, ckpt = 0, None
     if cfg.resume:
         ckpt = latest_checkpoint(paths.checkpoints)
         start_step, metrics = load_checkpoint(ckpt, policy, optimizer, d.world)
         metrics["config"] = dataclasses.asdict(cfg)
         if d.main:
             drop_samples_after(paths.samples, start_step)  # those steps run again
+    # Timed once per run, by rank 0 for all: a resumed run, and every rank, keeps one numerics path.
+    autocast, why = choose_cpu_autocast(cfg, device, dtype, getattr(policy.config, "hidden_size", 1024),
+                                        metrics.get("cpu_autocast"))
+    if all_reduce_floats([float(autocast is not None) if d.main else 0.0], d)[0] > 0:
+        autocast = torch.bfloat16
+    metrics["cpu_autocast"] = autocast is not None
+    metrics["runtime"] = runtime + why + (f"; {d.world} processes ({torch.distributed.get_backend()})"
+                                          if d.world > 1 else "")
+    log(f"device: {metrics['runtime']}")
+    log(f"model: {cfg.model} ({n_params / 1e6:.0f}M params, loaded in {time.perf_counter() - t0:.0f}s), "
+        f"{'chat' if data.has_chat_template(tokenizer) else 'plain Q/A'} prompts, end tokens {end_ids}")
+    if ckpt is not None:
         log(f"resumed from {ckpt} at step {start_step}")
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     val = eval_problems(cfg)

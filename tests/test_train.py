@@ -22,7 +22,8 @@ def tiny_args(model_dir, out, *extra):
     return ["--model", model_dir, "--preset", "none", "--task", "countdown", "--num_iterations", "2",
             "--batch_size", "2", "--num_generations", "3", "--max_new_tokens", "8", "--eval_size", "4",
             "--eval_every", "1", "--plot_every", "1", "--sample_every", "1", "--save_every", "1",
-            "--learning_rate", "1e-3", "--output_dir", str(out), *extra]
+            "--learning_rate", "1e-3", "--cpu_autocast", "off",  # timing-free, so separate runs compare exactly
+            "--output_dir", str(out), *extra]
 
 
 def steps_of(out):
@@ -397,6 +398,19 @@ def test_cpu_autocast_auto_is_decided_by_timing_a_matmul(monkeypatch, bf16_units
     assert (len(timed) == 2 and "width 576" in why) == (flag == "auto" and bf16_units)
     assert ("bf16 autocast" in why) == (expected is not None) and why.endswith(")")
     assert train_grpo.choose_cpu_autocast(cfg, "cpu", torch.bfloat16, 576)[0] is None  # bf16 weights already
+
+
+def test_a_resumed_run_keeps_the_autocast_choice_it_started_with(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(train_grpo, "cpu_has_bf16", lambda: True)
+    speeds = {torch.float32: 100.0, torch.bfloat16: 300.0}
+    monkeypatch.setattr(train_grpo, "matmul_gflops", lambda width, dtype, **kw: speeds[dtype])
+    args = tiny_args(tiny_model_dir, tmp_path, "--num_iterations", "1", "--cpu_autocast", "auto")
+    assert train_grpo.main(args) == 0
+    assert json.loads((tmp_path / "grpo_metrics.json").read_text())["cpu_autocast"] is True
+    speeds[torch.bfloat16] = 10.0  # the machine now measures differently
+    assert train_grpo.main(args[:-2] + ["--num_iterations", "2", "--resume", "--cpu_autocast", "auto"]) == 0
+    metrics = json.loads((tmp_path / "grpo_metrics.json").read_text())
+    assert metrics["cpu_autocast"] is True and "as when the run started" in metrics["runtime"]
 
 
 def test_matmul_timing_returns_a_throughput_for_both_dtypes():
