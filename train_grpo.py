@@ -552,11 +552,11 @@ def choose_runtime(cfg: GRPOConfig):
         dtype = torch.float32 if cfg.dtype == "float32" else torch.bfloat16
         return device, dtype, f"cuda ({name}, SM {cap[0]}.{cap[1]}), {weights_note(cfg, dtype)}"
     dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
-    return device, dtype, f"cpu ({weights_note(cfg, dtype)}"
+    return device, dtype, f"cpu ({weights_note(cfg, dtype)})"
 
 
 def choose_cpu_autocast(cfg: GRPOConfig, device, dtype, width: int, resumed=None) -> tuple:
-    """-> (torch.bfloat16 or None, the reason, to end the device line).
+    """-> (torch.bfloat16 or None, what was chosen and why: "" where autocast does not apply).
 
     On CPU, bf16 autocast over float32 weights is 3x faster on one AVX512-BF16 machine and
     1.33x slower on another with the same flags, so `auto` decides by timing a float32 and
@@ -564,20 +564,18 @@ def choose_cpu_autocast(cfg: GRPOConfig, device, dtype, width: int, resumed=None
     units: without them bf16 is emulated, ~500x slower, and even timing it would take seconds.
     A resumed run (`resumed`: the choice it started with) keeps its numerics."""
     if device != "cpu" or dtype != torch.float32:
-        return None, ")" if device == "cpu" else ""
+        return None, ""
     if cfg.cpu_autocast != "auto":
-        on = cfg.cpu_autocast == "on"
-        return (torch.bfloat16 if on else None), f", {'bf16 autocast' if on else 'no autocast'}; --cpu_autocast {cfg.cpu_autocast})"
-    if resumed is not None:
-        return (torch.bfloat16 if resumed else None), \
-            f", {'bf16 autocast' if resumed else 'no autocast'} as when the run started, --cpu_autocast auto)"
-    if not cpu_has_bf16():
-        return None, ", no autocast; CPU lacks bf16 units, --cpu_autocast auto)"
-    f32, bf16 = matmul_gflops(width, torch.float32), matmul_gflops(width, torch.bfloat16)
-    on = bf16 > f32
-    return ((torch.bfloat16 if on else None),
-            f", {'bf16 autocast' if on else 'no autocast'}; matmul at width {width}: bf16 {bf16:.0f} vs "
-            f"float32 {f32:.0f} GFLOP/s, --cpu_autocast auto)")
+        on, why = cfg.cpu_autocast == "on", f"--cpu_autocast {cfg.cpu_autocast}"
+    elif resumed is not None:
+        on, why = resumed, "as when the run started; --cpu_autocast auto"
+    elif not cpu_has_bf16():
+        on, why = False, "CPU lacks bf16 units; --cpu_autocast auto"
+    else:
+        f32, bf16 = matmul_gflops(width, torch.float32), matmul_gflops(width, torch.bfloat16)
+        on = bf16 > f32
+        why = f"matmul at width {width}: bf16 {bf16:.0f} vs float32 {f32:.0f} GFLOP/s; --cpu_autocast auto"
+    return (torch.bfloat16 if on else None), f"{'bf16 autocast' if on else 'no autocast'} ({why})"
 
 
 def matmul_gflops(width: int, dtype: torch.dtype, rows: int = 256, reps: int = 5) -> float:
@@ -1507,8 +1505,8 @@ def train(cfg: GRPOConfig) -> dict:
     if all_reduce_floats([float(autocast is not None) if d.main else 0.0], d)[0] > 0:
         autocast = torch.bfloat16
     metrics["cpu_autocast"] = autocast is not None
-    metrics["runtime"] = runtime + why + (f"; {d.world} processes ({torch.distributed.get_backend()})"
-                                          if d.world > 1 else "")
+    metrics["runtime"] = runtime + (f", {why}" if why else "") + (
+        f"; {d.world} processes ({torch.distributed.get_backend()})" if d.world > 1 else "")
     log(f"device: {metrics['runtime']}")
     log(f"model: {cfg.model} ({n_params / 1e6:.0f}M params, loaded in {time.perf_counter() - t0:.0f}s), "
         f"{'chat' if data.has_chat_template(tokenizer) else 'plain Q/A'} prompts, end tokens {end_ids}")
