@@ -6,16 +6,30 @@
     python bench.py step --random qwen2.5-1.5b --steps 20  # a random model of Qwen2.5-1.5B's shape (GPU)
     python bench.py step --random qwen2.5-0.5b -- --dtype bfloat16 --batch_size 1 --num_generations 4 \
         --max_new_tokens 32                                # a reduced shape and config, for a CPU
+    python bench.py step --model smollm2 --steps 4 --against trl -- --preset cpu   # side by side with TRL
 
 `step` runs train_grpo's real loop (seed config unless you pass flags after `--`, e.g.
 `-- --batch_size 2`) into a temporary folder and reports the mean over all steps but the
 first (warm-up). A random model samples random tokens, so every completion runs to
 max_new_tokens: the worst case for time and memory.
+
+`--against trl` then runs TRL's GRPOTrainer (pip install -r requirements-bench.txt) in a
+fresh process, so neither run's peak memory includes the other's, and prints both side by
+side. What makes it fair: the same weights (saved to a temporary folder; TRL loads its
+reference model from there, as we copy ours), the same prompts in the same order (our
+train_problems, TRL's shuffling off), the same reward (our grade), and the same GRPO
+config: prompts x completions per step, completion budget, temperature with no top-k/top-p,
+lr, beta, epsilon, inner updates, loss type, reward scaling, gradient clipping, optimizer
+(bitsandbytes 8-bit AdamW or torch AdamW), gradient checkpointing, dtype, and bf16
+autocast where ours chose it. Completion lengths follow each run's own samples: compare
+the "mean completion" column too (a random model always fills the budget).
 """
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -118,14 +132,114 @@ def bench_step(args, train_args):
         code = train_grpo.main(argv)
         if code:
             return code
-        steps = json.loads((Path(out) / "grpo_metrics.json").read_text())["steps"]
+        metrics = json.loads((Path(out) / "grpo_metrics.json").read_text())
+    ours = summarise(metrics["steps"])
+    print(f"\nours: {len(metrics['steps'])} steps ({ours['timed']} timed; the first, warm-up, took "
+          f"{ours['warmup']:.2f} s): {ours['step']:.2f} s/step = generation {ours['gen']:.2f} + reference/old "
+          f"log-probs {ours['ref']:.2f} + policy forward/backward {ours['train']:.2f} + optimizer "
+          f"{ours['opt']:.2f} s; {ours['tokens_per_second']:.0f} completion tokens/s, mean completion "
+          f"{ours['completion']:.0f} tokens, peak memory {ours['peak']:.2f} GB")
+    if args.against != "trl":
+        return 0
+    cmd = [sys.executable, str(Path(__file__).resolve()), "trl-step", "--steps", str(args.steps),
+           "--model", args.model, *(["--random", args.random] if args.random else []),
+           "--bf16", str(bool(metrics.get("cpu_autocast"))), "--", *argv]
+    print(f"\nTRL: {' '.join(cmd[1:4])} ... (a fresh process)", flush=True)
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("TRL_RESULT ")]
+    if done.returncode or not lines:
+        print(done.stdout[-3000:] + done.stderr[-3000:])
+        print("The TRL run failed (above). Is it installed? pip install -r requirements-bench.txt")
+        return 1
+    trl = json.loads(lines[-1][len("TRL_RESULT "):])
+    print(f"\n{'':<6}{'s/step':>8}{'warm-up s':>11}{'mean completion':>17}{'peak GB':>9}")
+    for name, r in (("ours", ours), ("TRL", trl)):
+        print(f"{name:<6}{r['step']:>8.2f}{r['warmup']:>11.2f}{r['completion']:>17.0f}{r['peak']:>9.2f}")
+    print(f"TRL / ours step time: {trl['step'] / ours['step']:.2f}x "
+          f"(trl {trl['version']}, transformers {trl['transformers']}; {ours['timed']} timed steps each)")
+    return 0
+
+
+def summarise(steps: list) -> dict:
     timed = steps[1:] or steps
     mean = lambda key: statistics.mean(s[key] for s in timed)
-    print(f"\n{len(steps)} steps ({len(timed)} timed; the first, warm-up, took {steps[0]['step_seconds']:.2f} s): "
-          f"{mean('step_seconds'):.2f} s/step = generation {mean('gen_seconds'):.2f} + reference/old log-probs "
-          f"{mean('ref_seconds'):.2f} + policy forward/backward {mean('train_seconds'):.2f} + optimizer "
-          f"{mean('optimizer_seconds'):.2f} s; {mean('tokens_per_second'):.0f} completion tokens/s, "
-          f"mean completion {mean('completion_len'):.0f} tokens, peak memory {max(s['peak_memory_gb'] for s in steps):.2f} GB")
+    return {"step": mean("step_seconds"), "gen": mean("gen_seconds"), "ref": mean("ref_seconds"),
+            "train": mean("train_seconds"), "opt": mean("optimizer_seconds"), "timed": len(timed),
+            "tokens_per_second": mean("tokens_per_second"), "completion": mean("completion_len"),
+            "warmup": steps[0]["step_seconds"], "peak": max(s["peak_memory_gb"] for s in steps)}
+
+
+def bench_trl_step(args, train_args):
+    """TRL's GRPOTrainer on our config, weights, prompts and reward; prints one TRL_RESULT line."""
+    import resource
+
+    import torch
+    import transformers
+    import trl
+    from datasets import Dataset
+    from transformers import TrainerCallback
+
+    import data
+    import train_grpo
+
+    cfg = train_grpo.parse_args(train_args)
+    device, dtype, _ = train_grpo.choose_runtime(cfg)
+    if args.random:
+        model, tokenizer = random_model(args.random, device)
+    else:
+        model, tokenizer = train_grpo.load_model_and_tokenizer(cfg.model, dtype)
+    plain = not data.has_chat_template(tokenizer)
+    problems = [p for step in range(args.steps) for p in train_grpo.train_problems(cfg, step)]
+    dataset = Dataset.from_dict({"prompt": train_grpo.prompts_for(tokenizer, problems),
+                                 "problem": [json.dumps(p) for p in problems]})
+
+    def reward(completions, problem, **_):
+        return [train_grpo.grade(c, json.loads(p), plain).reward for c, p in zip(completions, problem)]
+
+    class StepClock(TrainerCallback):
+        def __init__(self):
+            self.seconds, self.lengths = [], []
+
+        def on_step_begin(self, *_, **__):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, *_, **__):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            self.seconds.append(time.perf_counter() - self.start)
+
+        def on_log(self, _args, _state, _control, logs=None, **__):
+            if logs and "completions/mean_length" in logs:
+                self.lengths.append(logs["completions/mean_length"])
+
+    G = cfg.num_generations
+    with tempfile.TemporaryDirectory() as folder:
+        model.to(dtype).save_pretrained(folder)  # TRL builds its reference model from a path
+        tokenizer.save_pretrained(folder)
+        del model
+        config = trl.GRPOConfig(
+            output_dir=folder, max_steps=args.steps, per_device_train_batch_size=cfg.batch_size * G,
+            gradient_accumulation_steps=1, num_generations=G, max_completion_length=cfg.max_new_tokens,
+            temperature=cfg.temperature, top_k=0, top_p=1.0, repetition_penalty=1.0,
+            learning_rate=cfg.learning_rate, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+            beta=cfg.beta, epsilon=cfg.epsilon, num_iterations=cfg.num_inner_updates, loss_type=cfg.loss_type,
+            scale_rewards="group" if cfg.scale_rewards else "none", max_grad_norm=cfg.clip_grad_norm,
+            optim="adamw_bnb_8bit" if cfg.optimizer == "adamw8bit" else "adamw_torch",
+            gradient_checkpointing=cfg.gradient_checkpointing, bf16=args.bf16 == "True" or device == "cuda",
+            use_cpu=device == "cpu", model_init_kwargs={"dtype": dtype}, shuffle_dataset=False,
+            seed=cfg.seed, logging_steps=1, report_to="none", save_strategy="no", disable_dropout=True,
+            log_completions=False)
+        clock = StepClock()
+        trainer = trl.GRPOTrainer(model=folder, reward_funcs=reward, args=config, train_dataset=dataset,
+                                  processing_class=tokenizer, callbacks=[clock])
+        trainer.train()
+    peak = (torch.cuda.max_memory_allocated() if device == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
+    timed = clock.seconds[1:] or clock.seconds
+    print("TRL_RESULT " + json.dumps({
+        "step": statistics.mean(timed), "warmup": clock.seconds[0], "peak": peak,
+        "completion": statistics.mean(clock.lengths[1:] or clock.lengths) if clock.lengths else float("nan"),
+        "version": trl.__version__, "transformers": transformers.__version__}))
     return 0
 
 
@@ -134,10 +248,12 @@ def main(argv=None):
     train_args = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv
     p = argparse.ArgumentParser(description="Measure speed and memory.")
-    p.add_argument("what", nargs="+", choices=["data", "rewards", "step"])
+    p.add_argument("what", nargs="+", choices=["data", "rewards", "step", "trl-step"])
     p.add_argument("--model", default="smollm2", help="for step: any --model train_grpo accepts")
     p.add_argument("--random", choices=sorted(SHAPES), help="for step: a random model of this shape instead")
     p.add_argument("--steps", type=int, default=3, help="for step: steps to run (the first is not timed)")
+    p.add_argument("--against", choices=["trl"], help="for step: then run TRL's GRPOTrainer on the same setup")
+    p.add_argument("--bf16", default="False", help=argparse.SUPPRESS)  # trl-step: match our autocast choice
     args = p.parse_args(argv)
     code = 0
     for what in args.what:
@@ -146,6 +262,8 @@ def main(argv=None):
             bench_data()
         elif what == "rewards":
             bench_rewards()
+        elif what == "trl-step":
+            code = bench_trl_step(args, train_args) or code
         else:
             code = bench_step(args, train_args) or code
     return code

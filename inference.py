@@ -57,7 +57,8 @@ def answer_question(model, tokenizer, question: str, args, end_ids) -> tuple:
     greedy = args.temperature == 0
     torch.manual_seed(args.seed)
     roll = generate_rollouts(model, tokenizer, [prompt], args.num_samples, args.max_new_tokens,
-                             args.temperature or 1.0, end_ids, greedy=greedy)
+                             args.temperature or 1.0, end_ids, greedy=greedy,
+                             sampler="groups")  # a static cache would compile for a minute first
     print(f"Question: {problem['question'] if problem else question.strip()}")
     correct = 0
     for i, text in enumerate(roll.texts, 1):

@@ -90,6 +90,7 @@ class GRPOConfig:
     cpu_autocast: str = "auto"            # auto | on | off: bf16 autocast on CPU (auto = if the CPU has bf16 units)
     optimizer: str = "adamw8bit"          # adamw8bit (bitsandbytes) | adamw (torch)
     gradient_checkpointing: bool = True   # recompute activations in backward: less memory, ~30% slower
+    sampler: str = "auto"                 # auto | groups | static | generate: rollout sampler (auto = static on CUDA, groups on CPU)
     dist_timeout_minutes: int = 10        # torchrun: a rank that waits this long for the others fails instead of hanging
 
 
@@ -107,7 +108,8 @@ PRESETS = {
 }
 CHOICES = {"task": data.TASKS, "preset": ("", *PRESETS), "loss_type": ("grpo", "dr_grpo", "dapo"),
            "device": ("auto", "cuda", "cpu"), "dtype": ("auto", "bfloat16", "float32"),
-           "cpu_autocast": ("auto", "on", "off"), "optimizer": ("adamw8bit", "adamw")}
+           "cpu_autocast": ("auto", "on", "off"), "optimizer": ("adamw8bit", "adamw"),
+           "sampler": ("auto", "groups", "static", "generate")}
 FIELD_HELP = {}  # filled from the trailing comments above, so --help and the source agree
 
 
@@ -853,32 +855,109 @@ def sampling_config(cfg_temperature: float, max_new_tokens: int, end_ids, pad_id
     return GenerationConfig(do_sample=True, temperature=cfg_temperature, top_k=0, top_p=1.0, typical_p=1.0, **common)
 
 
+def choose_sampler(name: str, device) -> str:
+    """auto: a static, compiled KV cache on CUDA, where one decode step is a few ms of
+    kernel launches that CUDA graphs remove; our shared-prefix loop on CPU, where compiling
+    costs minutes and buys nothing."""
+    if name != "auto":
+        return name
+    return "static" if str(device).startswith("cuda") else "groups"
+
+
+def encode_prompts(tokenizer, prompts, device, multiple: int = 1):
+    """Left-padded ids and mask: generation continues from the right edge. Chat prompts
+    already hold their special tokens; adding more (a BOS) would change them. Only ids and
+    mask go on: some tokenizers add token_type_ids, which decoders reject."""
+    tokenizer.padding_side = "left"
+    enc = tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False,
+                    pad_to_multiple_of=multiple if multiple > 1 else None)
+    return enc["input_ids"].to(device), enc["attention_mask"].to(device)
+
+
+def next_tokens(logits: torch.Tensor, temperature: float, greedy: bool) -> torch.Tensor:
+    """Exactly the distribution the loss scores: softmax(logits / T) in float32, or argmax."""
+    if greedy:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    return torch.multinomial(probs, 1).squeeze(-1)
+
+
+@torch.no_grad()
+def sample_groups(model, prompt_ids, prompt_mask, num_generations: int, max_new_tokens: int,
+                  temperature: float, end_ids, pad_id: int, greedy: bool = False) -> torch.Tensor:
+    """(B * G, <= max_new_tokens) completion ids, rows grouped by prompt.
+
+    What it buys over model.generate on G copies of each prompt: the prompt is prefilled
+    once and its KV cache repeated for the G completions (on the cpu preset ~100 of ~150
+    positions are prompt, so generation does ~G times less prefill work), no logit
+    processors to run, and the loop stops at the step where the last row ends. What it
+    costs: ~40 lines, and it is eager, so on a GPU every decode step pays its kernel
+    launches (the static sampler removes them there).
+    """
+    G = num_generations
+    head = model.get_output_embeddings()
+    position_ids = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: count real tokens only
+    out = model.base_model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids,
+                           use_cache=True)
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(G)                                    # (B, ...) -> (B * G, ...)
+    logits = head(out.last_hidden_state[:, -1]).repeat_interleave(G, dim=0)  # (N, V)
+    mask = prompt_mask.repeat_interleave(G, dim=0)
+    position = position_ids[:, -1].repeat_interleave(G, dim=0)
+    ends = torch.tensor(list(end_ids), device=prompt_ids.device)
+    done = torch.zeros(len(logits), dtype=torch.bool, device=prompt_ids.device)
+    tokens = []
+    for _ in range(max_new_tokens):
+        token = next_tokens(logits, temperature, greedy).masked_fill(done, pad_id)  # ended rows pad, as generate does
+        tokens.append(token)
+        done |= torch.isin(token, ends)
+        if len(tokens) == max_new_tokens or bool(done.all()):
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        position = position + 1
+        hidden = model.base_model(input_ids=token[:, None], attention_mask=mask, position_ids=position[:, None],
+                                  past_key_values=cache, use_cache=True).last_hidden_state
+        logits = head(hidden[:, -1])
+    return torch.stack(tokens, dim=1) if tokens else prompt_ids.new_zeros(len(logits), 0)
+
+
+STATIC_BUCKET = 32  # prompts padded to a multiple of this: a run compiles for a few prompt lengths, not every step
+
+
 @torch.no_grad()
 def generate_rollouts(model, tokenizer, prompts, num_generations: int, max_new_tokens: int,
-                      temperature: float, end_ids, autocast=None, greedy: bool = False) -> Rollouts:
-    """One batched generate call: each prompt repeated num_generations times."""
+                      temperature: float, end_ids, autocast=None, greedy: bool = False,
+                      sampler: str = "auto") -> Rollouts:
+    """G completions of each prompt, rows grouped by prompt, with one of three samplers:
+    groups (sample_groups), static (model.generate on a static KV cache, which transformers
+    compiles into CUDA graphs on a GPU; prompts padded to STATIC_BUCKET tokens so that a run
+    compiles a few times) or generate (model.generate, dynamic cache: the plain reference)."""
     device = next(model.parameters()).device
-    tokenizer.padding_side = "left"  # generation continues from the right edge
-    batch = [p for p in prompts for _ in range(num_generations)]
-    # Chat prompts already hold their special tokens; adding more (a BOS) would change them.
-    enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    sampler = choose_sampler(sampler, device)
+    G = num_generations
     was_training = model.training
     model.eval()  # checkpointing acts only in training mode, so the KV cache works here
     with autocast_context(device, autocast):
-        # only ids and mask: some tokenizers add token_type_ids, which decoders reject
-        out = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
-                             generation_config=sampling_config(temperature, max_new_tokens, end_ids,
-                                                               tokenizer.pad_token_id, greedy))
+        if sampler == "groups":
+            ids, mask = encode_prompts(tokenizer, prompts, device)
+            completion_ids = sample_groups(model, ids, mask, G, max_new_tokens, temperature, end_ids,
+                                           tokenizer.pad_token_id, greedy)
+            ids, mask = ids.repeat_interleave(G, dim=0), mask.repeat_interleave(G, dim=0)
+        else:
+            batch = [p for p in prompts for _ in range(G)]
+            ids, mask = encode_prompts(tokenizer, batch, device, STATIC_BUCKET if sampler == "static" else 1)
+            config = sampling_config(temperature, max_new_tokens, end_ids, tokenizer.pad_token_id, greedy)
+            if sampler == "static":
+                config.cache_implementation = "static"
+            completion_ids = model.generate(input_ids=ids, attention_mask=mask,
+                                            generation_config=config)[:, ids.shape[1]:]
     model.train(was_training)
-    P = enc["input_ids"].shape[1]
-    completion_ids = out[:, P:]
-    mask, truncated = completion_mask_from_ends(completion_ids, end_ids)
-    L = int(mask.sum(1).max()) if mask.numel() else 0  # drop columns that are padding for every row
-    completion_ids, mask = completion_ids[:, :L], mask[:, :L]
-    texts = [tokenizer.decode(ids[m], skip_special_tokens=True) for ids, m in zip(completion_ids, mask)]
-    attention_mask = torch.cat([enc["attention_mask"], torch.ones_like(completion_ids)], dim=1)
-    return Rollouts(torch.cat([enc["input_ids"], completion_ids], dim=1), attention_mask, mask, P,
-                    texts, truncated)
+    mask_c, truncated = completion_mask_from_ends(completion_ids, end_ids)
+    L = int(mask_c.sum(1).max()) if mask_c.numel() else 0  # drop columns that are padding for every row
+    completion_ids, mask_c = completion_ids[:, :L], mask_c[:, :L]
+    texts = [tokenizer.decode(row[m], skip_special_tokens=True) for row, m in zip(completion_ids, mask_c)]
+    return Rollouts(torch.cat([ids, completion_ids], dim=1), torch.cat([mask, torch.ones_like(completion_ids)], dim=1),
+                    mask_c, ids.shape[1], texts, truncated)
 
 
 def enable_checkpointing(model) -> None:
@@ -1088,7 +1167,7 @@ def evaluate(model, tokenizer, problems, cfg: GRPOConfig, end_ids, autocast=None
     for i in range(0, len(mine), cfg.eval_batch_size):
         chunk = mine[i:i + cfg.eval_batch_size]
         texts += generate_rollouts(model, tokenizer, prompts_for(tokenizer, chunk), 1, cfg.max_new_tokens,
-                                   1.0, end_ids, autocast, greedy=True).texts
+                                   1.0, end_ids, autocast, greedy=True, sampler=cfg.sampler).texts
     parts = gather_objects(texts, d)
     texts = [parts[i % d.world][i // d.world] for i in range(len(problems))]  # back in val order
     grades = [grade(text, problem, plain) for problem, text in zip(problems, texts)]
@@ -1403,7 +1482,7 @@ def grpo_step(step: int, cfg: GRPOConfig, policy, ref_model, optimizer, tokenize
     # 1-2. prompts -> a group of G completions each, in one generate call
     prompts = prompts_for(tokenizer, problems)
     rollouts = generate_rollouts(policy, tokenizer, prompts, G, cfg.max_new_tokens, cfg.temperature,
-                                 end_ids, autocast)
+                                 end_ids, autocast, sampler=cfg.sampler)
     gen_seconds = time.perf_counter() - start
     # 3. grade, then advantages within each group
     plain = not data.has_chat_template(tokenizer)
@@ -1504,7 +1583,7 @@ def train(cfg: GRPOConfig) -> dict:
     if all_reduce_floats([float(autocast is not None) if d.main else 0.0], d)[0] > 0:
         autocast = torch.bfloat16
     metrics["cpu_autocast"] = autocast is not None
-    metrics["runtime"] = runtime + (f", {why}" if why else "") + (
+    metrics["runtime"] = runtime + (f", {why}" if why else "") + f"; {choose_sampler(cfg.sampler, device)} sampler" + (
         f"; {d.world} processes ({torch.distributed.get_backend()})" if d.world > 1 else "")
     log(f"device: {metrics['runtime']}")
     log(f"model: {cfg.model} ({n_params / 1e6:.0f}M params, loaded in {time.perf_counter() - t0:.0f}s), "

@@ -211,22 +211,119 @@ def reference_decode(model, prompt_ids, steps: int, temperature: float, greedy: 
     return ids[:, prompt_ids.shape[1]:]
 
 
+@pytest.mark.parametrize("sampler", ["groups", "static", "generate"])
 @pytest.mark.parametrize("greedy, temperature", [(True, 1.0), (False, 1.0), (False, 1.2)])
 def test_generation_is_exactly_what_the_loss_assumes_whatever_the_shipped_config(
-        qwen_sampling_model_dir, greedy, temperature):
+        qwen_sampling_model_dir, greedy, temperature, sampler):
     model, tok = train_grpo.load_model_and_tokenizer(qwen_sampling_model_dir, torch.float32)
     model.eval()
     prompt = train_grpo.prompts_for(tok, data.generate_arithmetic_problems(1, seed=5))[0]
     end_ids = train_grpo.end_token_ids(tok, model)
     torch.manual_seed(7)
-    roll = train_grpo.generate_rollouts(model, tok, [prompt], 6, 12, temperature, end_ids, greedy=greedy)
+    roll = train_grpo.generate_rollouts(model, tok, [prompt], 6, 12, temperature, end_ids, greedy=greedy,
+                                        sampler=sampler)
     torch.manual_seed(7)
     prompt_ids = tok([prompt] * 6, return_tensors="pt", add_special_tokens=False)["input_ids"]
     expected = reference_decode(model, prompt_ids, 12, temperature, greedy)
-    got = roll.input_ids[:, roll.prompt_len:]
+    got = roll.input_ids[:, roll.prompt_len:]  # static pads prompts further left: compare completions only
     L = got.shape[1]
     assert torch.equal(got[roll.completion_mask], expected[:, :L][roll.completion_mask])
     assert greedy or len({t for t in roll.texts}) > 1
+
+
+def prompts_of_different_lengths(tok, n=3):
+    """Arithmetic prompts whose token counts differ, so left padding is exercised."""
+    prompts = train_grpo.prompts_for(tok, data.generate_arithmetic_problems(40, seed=2))
+    by_len = {len(tok(p, add_special_tokens=False)["input_ids"]): p for p in prompts}
+    assert len(by_len) >= n
+    return [by_len[k] for k in sorted(by_len)[:n]]
+
+
+def test_group_sampler_matches_a_plain_loop_over_each_padded_prompt_and_prefills_once(
+        qwen_sampling_model_dir, monkeypatch):
+    model, tok = train_grpo.load_model_and_tokenizer(qwen_sampling_model_dir, torch.float32)
+    model.eval()
+    prompts = prompts_of_different_lengths(tok)
+    end_ids = train_grpo.end_token_ids(tok, model)
+    batch_sizes, seen = [], []
+    hook = model.base_model.register_forward_hook(lambda m, args, kw, out: batch_sizes.append(
+        (kw["input_ids"].shape)), with_kwargs=True)
+    draw = train_grpo.next_tokens
+    monkeypatch.setattr(train_grpo, "next_tokens", lambda logits, *a: seen.append(logits) or draw(logits, *a))
+    torch.manual_seed(3)
+    roll = train_grpo.generate_rollouts(model, tok, prompts, 4, 10, 1.0, end_ids, sampler="groups")
+    hook.remove()
+    # each step draws from the logits a full rerun of the sequence so far gives
+    position_ids = (roll.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        full = model(input_ids=roll.input_ids, attention_mask=roll.attention_mask, position_ids=position_ids).logits
+    P = roll.prompt_len
+    for t, logits in enumerate(seen[:roll.input_ids.shape[1] - P]):
+        torch.testing.assert_close(logits, full[:, P - 1 + t], rtol=1e-4, atol=1e-4)
+    assert batch_sizes[0] == (3, roll.prompt_len)              # each prompt prefilled once, not 4 times
+    assert all(s == (12, 1) for s in batch_sizes[1:])           # then one token per row per step
+    # the same draws as the written-out loop on the left-padded prompts, each repeated 4 times
+    torch.manual_seed(3)
+    P = roll.prompt_len
+    expected = reference_decode_masked(model, roll.input_ids[:, :P], roll.attention_mask[:, :P], 10, 1.0)
+    got = roll.input_ids[:, P:]
+    assert torch.equal(got[roll.completion_mask], expected[:, :got.shape[1]][roll.completion_mask])
+
+
+def reference_decode_masked(model, prompt_ids, prompt_mask, steps: int, temperature: float):
+    """reference_decode for left-padded prompts: the whole sequence rerun at every step."""
+    ids, mask = prompt_ids, prompt_mask
+    with torch.no_grad():
+        for _ in range(steps):
+            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits[:, -1].float()
+            nxt = torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1).squeeze(1)
+            ids, mask = torch.cat([ids, nxt[:, None]], 1), torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+    return ids[:, prompt_ids.shape[1]:]
+
+
+def test_group_sampler_stops_at_the_step_the_last_row_ends(qwen_sampling_model_dir):
+    model, tok = train_grpo.load_model_and_tokenizer(qwen_sampling_model_dir, torch.float32)
+    model.eval()
+    prompt = train_grpo.prompts_for(tok, data.generate_arithmetic_problems(1, seed=5))[0]
+    torch.manual_seed(0)
+    free = train_grpo.generate_rollouts(model, tok, [prompt], 4, 8, 1.0, [tok.eos_token_id], sampler="groups")
+    # End on whatever token each row draws third: every row ends by step 3, so the loop does too.
+    third = free.input_ids[:, free.prompt_len + 2].tolist()
+    calls = []
+    hook = model.base_model.register_forward_hook(lambda *a: calls.append(1))
+    torch.manual_seed(0)
+    roll = train_grpo.generate_rollouts(model, tok, [prompt], 4, 8, 1.0, third, sampler="groups")
+    hook.remove()
+    assert roll.input_ids.shape[1] - roll.prompt_len <= 3 and len(calls) <= 3  # prefill + at most 2 decode steps
+    assert not roll.truncated.any()
+
+
+@pytest.mark.parametrize("sampler", ["static", "groups"])
+def test_sampler_sees_weights_the_optimizer_changed_in_place(qwen_sampling_model_dir, sampler):
+    """A static cache compiled into CUDA graphs captures weight addresses, not values: the
+    optimizer must update the weights in place and the sampler must see the new ones. On CPU
+    the same code runs eagerly; on a GPU this test would replay the captured graphs."""
+    model, tok = train_grpo.load_model_and_tokenizer(qwen_sampling_model_dir, torch.float32)
+    prompt = train_grpo.prompts_for(tok, data.generate_arithmetic_problems(1, seed=5))[0]
+    end_ids = train_grpo.end_token_ids(tok, model)
+    before = train_grpo.generate_rollouts(model, tok, [prompt], 1, 12, 1.0, end_ids, greedy=True, sampler=sampler)
+    # Teach it another answer, in place (Adam writes into the parameters it holds).
+    seven = tok("7", add_special_tokens=False)["input_ids"][0]
+    target = before._replace(input_ids=before.input_ids.clone())
+    target.input_ids[:, before.prompt_len:] = seven
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    for _ in range(3):
+        logp, _ = train_grpo.completion_logprobs(model, target, 1.0)
+        optimizer.zero_grad()
+        logp.sum().neg().backward()
+        optimizer.step()
+    after = train_grpo.generate_rollouts(model, tok, [prompt], 1, 12, 1.0, end_ids, greedy=True, sampler=sampler)
+    P = after.prompt_len
+    expected = reference_decode(model, after.input_ids[:, :P], 12, 1.0, greedy=True)
+    got = after.input_ids[:, P:]
+    assert torch.equal(got[after.completion_mask], expected[:, :got.shape[1]][after.completion_mask])
+    assert got[0, 0] == seven != before.input_ids[0, before.prompt_len]  # the steps changed the answer
 
 
 def test_saved_model_carries_a_neutral_generation_config(qwen_sampling_model_dir, tmp_path):
