@@ -144,7 +144,7 @@ def bench_step(args, train_args):
     cmd = [sys.executable, str(Path(__file__).resolve()), "trl-step", "--steps", str(args.steps),
            "--model", args.model, *(["--random", args.random] if args.random else []),
            "--bf16", str(bool(metrics.get("cpu_autocast"))), "--", *argv]
-    print(f"\nTRL: {' '.join(cmd[1:4])} ... (a fresh process)", flush=True)
+    print("\nTRL's GRPOTrainer on the same setup, in a fresh process ...", flush=True)
     done = subprocess.run(cmd, capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("TRL_RESULT ")]
     if done.returncode or not lines:

@@ -197,8 +197,15 @@ def qwen_sampling_model_dir(tmp_path_factory):
     return path
 
 
-def reference_decode(model, prompt_ids, steps: int, temperature: float, greedy: bool):
-    """The sampling the loss assumes, written out: softmax(logits / T) in float32, or argmax."""
+def multinomial(logits, temperature, greedy=False):
+    """How transformers' generate draws from softmax(logits / T)."""
+    return torch.multinomial(torch.softmax(logits.float() / temperature, dim=-1), 1).squeeze(1)
+
+
+def reference_decode(model, prompt_ids, steps: int, temperature: float, greedy: bool, draw=multinomial):
+    """The sampling the loss assumes, written out: softmax(logits / T) in float32, or argmax.
+    `draw` picks a token from the float32 distribution: generate's way, or ours (next_tokens,
+    tested on its own for its frequencies)."""
     ids = prompt_ids
     with torch.no_grad():
         for _ in range(steps):
@@ -206,7 +213,7 @@ def reference_decode(model, prompt_ids, steps: int, temperature: float, greedy: 
             if greedy:
                 nxt = logits.argmax(-1)
             else:
-                nxt = torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1).squeeze(1)
+                nxt = draw(logits, temperature, False)
             ids = torch.cat([ids, nxt[:, None]], dim=1)
     return ids[:, prompt_ids.shape[1]:]
 
@@ -224,11 +231,25 @@ def test_generation_is_exactly_what_the_loss_assumes_whatever_the_shipped_config
                                         sampler=sampler)
     torch.manual_seed(7)
     prompt_ids = tok([prompt] * 6, return_tensors="pt", add_special_tokens=False)["input_ids"]
-    expected = reference_decode(model, prompt_ids, 12, temperature, greedy)
+    draw = train_grpo.next_tokens if sampler == "groups" else multinomial
+    expected = reference_decode(model, prompt_ids, 12, temperature, greedy, draw)
     got = roll.input_ids[:, roll.prompt_len:]  # static pads prompts further left: compare completions only
     L = got.shape[1]
     assert torch.equal(got[roll.completion_mask], expected[:, :L][roll.completion_mask])
     assert greedy or len({t for t in roll.texts}) > 1
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 1.2])
+def test_sampled_tokens_follow_softmax_of_logits_over_temperature(temperature):
+    logits = torch.tensor([[2.0, 0.5, -1.0, 1.5, float("-inf"), 0.0, -3.0, 3.0]])
+    torch.manual_seed(0)
+    draws = torch.cat([train_grpo.next_tokens(logits.expand(10_000, -1), temperature, False) for _ in range(10)])
+    freq = torch.bincount(draws, minlength=8).double() / len(draws)
+    p = torch.softmax(logits[0].double() / temperature, dim=-1)
+    sigma = (p * (1 - p) / len(draws)).sqrt()
+    assert freq[4] == 0                                                  # a -inf logit is never drawn
+    assert ((freq - p).abs() <= 4 * sigma + 1e-12).all(), (freq, p)      # 100k draws: within 4 sigma
+    assert torch.equal(train_grpo.next_tokens(logits, temperature, True), torch.tensor([7]))
 
 
 def prompts_of_different_lengths(tok, n=3):
@@ -277,7 +298,7 @@ def reference_decode_masked(model, prompt_ids, prompt_mask, steps: int, temperat
         for _ in range(steps):
             position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
             logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits[:, -1].float()
-            nxt = torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1).squeeze(1)
+            nxt = train_grpo.next_tokens(logits, temperature, False)
             ids, mask = torch.cat([ids, nxt[:, None]], 1), torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
     return ids[:, prompt_ids.shape[1]:]
 
