@@ -102,8 +102,8 @@ PRESETS = {
     # earns a reward; at 1.0 arithmetic with tags is learnable within tens of steps, while
     # countdown mostly teaches the format at this size. Torch AdamW, not 8-bit: on 135M params
     # bitsandbytes' CPU step takes 2-3 s against 0.3-1 s, and its memory saving (0.8 GB) is moot.
-    "cpu": dict(model=BUNDLED_ALIAS, task="arithmetic", num_iterations=30, batch_size=2,
-                num_generations=8, max_new_tokens=48, temperature=1.0, learning_rate=2e-5,
+    "cpu": dict(model=BUNDLED_ALIAS, task="arithmetic", num_iterations=30, batch_size=3,
+                num_generations=8, max_new_tokens=48, temperature=1.0, learning_rate=1e-5,
                 beta=0.01, eval_every=15, eval_size=104, eval_batch_size=52, plot_every=5,
                 sample_every=5, save_every=10, gradient_checkpointing=False, optimizer="adamw"),
 }
