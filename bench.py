@@ -116,6 +116,7 @@ def bench_step(args, train_args):
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model, tokenizer = random_model(args.random, device)
         # Hand the in-memory model to the real loop instead of writing GBs of random weights.
+        loader = train_grpo.load_model_and_tokenizer
         train_grpo.load_model_and_tokenizer = lambda name, dtype: (model.to(dtype), tokenizer)
         from transformers.utils import logging as hf_logging
         hf_logging.set_verbosity_error()  # as load_model_and_tokenizer would
@@ -129,7 +130,11 @@ def bench_step(args, train_args):
                 "--sample_every", str(10**6), "--output_dir", out, *train_args]
         if "--preset" not in train_args:
             argv += ["--preset", "none"]
-        code = train_grpo.main(argv)
+        try:
+            code = train_grpo.main(argv)
+        finally:  # bench.main may be called again in this process (the tests do)
+            if args.random:
+                train_grpo.load_model_and_tokenizer = loader
         if code:
             return code
         metrics = json.loads((Path(out) / "grpo_metrics.json").read_text())

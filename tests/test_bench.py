@@ -5,12 +5,15 @@ import re
 import pytest
 
 import bench
+import train_grpo
 
 TINY_RUN = ["--", "--batch_size", "2", "--num_generations", "2", "--max_new_tokens", "6", "--optimizer", "adamw"]
 
 
 def test_bench_step_reports_step_time_phases_and_memory(capsys):
+    loader = train_grpo.load_model_and_tokenizer
     assert bench.main(["step", "--random", "tiny", "--steps", "2", *TINY_RUN]) == 0
+    assert train_grpo.load_model_and_tokenizer is loader  # the random model was lent, not left in place
     out = capsys.readouterr().out
     line = next(line for line in out.splitlines() if line.startswith("ours: 2 steps"))
     for part in ("s/step = generation", "reference/old log-probs", "policy forward/backward", "optimizer",
