@@ -1484,7 +1484,7 @@ def grpo_step(step: int, cfg: GRPOConfig, policy, ref_model, optimizer, tokenize
     torch.manual_seed(cfg.seed * 1_000_003 + step + 1_000_000_007 * d.rank)  # (seed, step, rank) only
     problems = train_problems(cfg, step, d)
     G = cfg.num_generations
-    # 1-2. prompts -> a group of G completions each, in one generate call
+    # 1-2. prompts -> a group of G completions each, in one sampler call
     prompts = prompts_for(tokenizer, problems)
     rollouts = generate_rollouts(policy, tokenizer, prompts, G, cfg.max_new_tokens, cfg.temperature,
                                  end_ids, autocast, sampler=cfg.sampler)
