@@ -875,6 +875,11 @@ def encode_prompts(tokenizer, prompts, device, multiple: int = 1):
     return enc["input_ids"].to(device), enc["attention_mask"].to(device)
 
 
+def positions_of(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids under left padding: count real tokens only, as generate does."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
 def next_tokens(logits: torch.Tensor, temperature: float, greedy: bool) -> torch.Tensor:
     """Exactly the distribution the loss scores: softmax(logits / T) in float32, or argmax.
     One uniform per row, looked up in the cumulative distribution: torch.multinomial draws an
@@ -901,7 +906,7 @@ def sample_groups(model, prompt_ids, prompt_mask, num_generations: int, max_new_
     """
     G = num_generations
     head = model.get_output_embeddings()
-    position_ids = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: count real tokens only
+    position_ids = positions_of(prompt_mask)
     out = model.base_model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids,
                            use_cache=True)
     cache = out.past_key_values
@@ -1044,8 +1049,7 @@ def completion_hidden_states(model, rollouts: Rollouts, group_size: int = 1):
     there every row runs its whole sequence.
     """
     input_ids, attention_mask, P = rollouts.input_ids, rollouts.attention_mask, rollouts.prompt_len
-    # Left padding shifts every prompt; positions must count real tokens only, as in generate.
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    position_ids = positions_of(attention_mask)  # left padding shifts every prompt
     G, (N, total) = group_size, input_ids.shape
     if G == 1 or N % G or (model.training and is_checkpointing(model)):
         hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
