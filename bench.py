@@ -27,7 +27,6 @@ the "mean completion" column too (a random model always fills the budget).
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -176,8 +175,6 @@ def summarise(steps: list) -> dict:
 
 def bench_trl_step(args, train_args):
     """TRL's GRPOTrainer on our config, weights, prompts and reward; prints one TRL_RESULT line."""
-    import resource
-
     import torch
     import transformers
     import trl
@@ -238,8 +235,7 @@ def bench_trl_step(args, train_args):
         trainer = trl.GRPOTrainer(model=folder, reward_funcs=reward, args=config, train_dataset=dataset,
                                   processing_class=tokenizer, callbacks=[clock])
         trainer.train()
-    peak = (torch.cuda.max_memory_allocated() if device == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
+    peak = train_grpo.peak_memory_gb(device)  # measured as ours is
     timed = clock.seconds[1:] or clock.seconds
     print("TRL_RESULT " + json.dumps({
         "step": statistics.mean(timed), "warmup": clock.seconds[0], "peak": peak,
