@@ -1172,11 +1172,18 @@ def evaluate(model, tokenizer, problems, cfg: GRPOConfig, end_ids, autocast=None
     With N ranks each answers every N-th problem; the answers are gathered in order."""
     plain = not data.has_chat_template(tokenizer)
     mine = problems[d.rank::d.world]
+    size = min(cfg.eval_batch_size, len(mine))
+    # A static cache compiles for each batch shape: a smaller last chunk would compile once
+    # more (a minute on a GPU) for a few answers, so it is topped up with copies and trimmed.
+    static = choose_sampler(cfg.sampler, next(model.parameters()).device) == "static"
     texts = []
-    for i in range(0, len(mine), cfg.eval_batch_size):
-        chunk = mine[i:i + cfg.eval_batch_size]
-        texts += generate_rollouts(model, tokenizer, prompts_for(tokenizer, chunk), 1, cfg.max_new_tokens,
-                                   1.0, end_ids, autocast, greedy=True, sampler=cfg.sampler).texts
+    for i in range(0, len(mine), size):
+        prompts = prompts_for(tokenizer, mine[i:i + size])
+        n = len(prompts)
+        if static:
+            prompts += prompts[-1:] * (size - n)
+        texts += generate_rollouts(model, tokenizer, prompts, 1, cfg.max_new_tokens,
+                                   1.0, end_ids, autocast, greedy=True, sampler=cfg.sampler).texts[:n]
     parts = gather_objects(texts, d)
     texts = [parts[i % d.world][i // d.world] for i in range(len(problems))]  # back in val order
     grades = [grade(text, problem, plain) for problem, text in zip(problems, texts)]

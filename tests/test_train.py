@@ -494,6 +494,33 @@ def test_eval_reports_an_interval_and_accuracy_per_operator(tiny_model_dir, monk
     assert "95% CI 0.29-0.47" in line and "+ 1.00" in line and "- 0.00" in line
 
 
+@pytest.mark.parametrize("sampler, sizes", [
+    ("static", [16] * 7),            # one batch shape: the last 8 are topped up to 16, so nothing compiles twice
+    ("groups", [16] * 6 + [8]),      # eager: no copies to pay for
+])
+def test_static_eval_keeps_one_batch_shape_and_the_same_answers(tiny_model_dir, monkeypatch, sampler, sizes):
+    model, tok = train_grpo.load_model_and_tokenizer(tiny_model_dir, torch.float32)
+    val = data.generate_arithmetic_problems(200, "val", unique=True)  # all 104
+    seen = []
+
+    def answers(model, tokenizer, prompts, *args, **kwargs):
+        seen.append(len(prompts))
+        texts = []
+        for prompt in prompts:
+            problem = next(p for p in val if p["question"] in prompt)
+            right = problem["question"].split()[3] == "-"
+            texts.append(f"<think>ok</think><answer>{problem['answer'] if right else 'x'}</answer>")
+        return train_grpo.Rollouts(None, None, None, 0, texts, None)
+
+    monkeypatch.setattr(train_grpo, "generate_rollouts", answers)
+    cfg = parse_args(["--model", tiny_model_dir, "--preset", "none", "--task", "arithmetic",
+                      "--eval_batch_size", "16", "--sampler", sampler])
+    rec = train_grpo.evaluate(model, tok, val, cfg, [tok.eos_token_id])
+    assert seen == sizes
+    assert rec["n"] == 104 and rec["by_category"]["-"] == {"n": 49, "accuracy": 1.0}
+    assert rec["accuracy"] == pytest.approx(49 / 104)  # the copies are not counted
+
+
 @pytest.mark.parametrize("bf16_units, bf16_speed, flag, expected", [
     (True, 300.0, "auto", torch.bfloat16),   # AMD EPYC with AVX512-BF16: bf16 3x faster
     (True, 50.0, "auto", None),              # Intel Xeon with the same flags: bf16 2x slower
