@@ -21,8 +21,9 @@ train_problems, TRL's shuffling off), the same reward (our grade), and the same 
 config: prompts x completions per step, completion budget, temperature with no top-k/top-p,
 lr, beta, epsilon, inner updates, loss type, reward scaling, gradient clipping, optimizer
 (bitsandbytes 8-bit AdamW or torch AdamW), gradient checkpointing, dtype, and bf16
-autocast where ours chose it. Completion lengths follow each run's own samples: compare
-the "mean completion" column too (a random model always fills the budget).
+autocast where ours chose it. TRL has no cap on the per-token KL (our --kl_cap): a clamp
+that changes the loss, not the time. Completion lengths follow each run's own samples:
+compare the "mean completion" column too (a random model always fills the budget).
 """
 
 import argparse

@@ -109,7 +109,7 @@ def plot_kl(metrics: dict, path, window: int = 0):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9, 4))
-    _draw(ax, *_series(metrics.get("steps", []), "kl"), "KL(policy || reference), k3 estimate", "tab:red", window)
+    _draw(ax, *_series(metrics.get("steps", []), "kl"), "KL(policy || reference), k3 capped per token", "tab:red", window)
     ax.set_xlabel("training step")
     ax.set_ylabel("mean KL per token (nats)")
     ax.set_title(_title(metrics, "KL to the reference"))

@@ -66,6 +66,7 @@ class GRPOConfig:
     temperature: float = 1.2              # sampling temperature; log-probs use the same one
     learning_rate: float = 2e-6           # constant learning rate
     beta: float = 0.01                    # KL penalty weight; 0 = no reference model at all
+    kl_cap: float = 10.0                  # per-token k3 KL above this counts as this, with no gradient; 0 = no cap
     epsilon: float = 0.2                  # PPO clip range: ratio kept in [1-eps, 1+eps]
     num_inner_updates: int = 1            # policy updates per generated batch
     clip_grad_norm: float = 0.5           # max global gradient norm
@@ -1088,7 +1089,7 @@ def group_advantages(rewards: torch.Tensor, num_generations: int, scale: bool = 
 
 def grpo_loss(logp, old_logp, ref_logp, advantages, mask, beta: float, epsilon: float,
               loss_type: str = "grpo", max_new_tokens: int = 1, total_sequences=None,
-              total_tokens=None):
+              total_tokens=None, kl_cap: float = 0.0):
     """PPO-clipped GRPO loss with a k3 KL penalty. Returns (loss, stats).
 
     logp, old_logp, ref_logp: (N, L) token log-probs under the policy (with grad), the
@@ -1097,7 +1098,14 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, beta: float, epsilon: 
 
       ratio_t = exp(logp_t - old_logp_t)
       loss_t  = -min(ratio_t * A, clip(ratio_t, 1 - eps, 1 + eps) * A) + beta * KL_t
-      KL_t    = exp(ref_t - logp_t) - (ref_t - logp_t) - 1     (k3: unbiased, always >= 0)
+      KL_t    = min(k3_t, kl_cap),  k3_t = exp(ref_t - logp_t) - (ref_t - logp_t) - 1
+                (k3: unbiased, always >= 0; kl_cap 0 = no cap)
+
+    Why a cap: k3 grows like exp(ref - logp), so one sampled token the policy has made 50x
+    less likely than the reference did weighs ~50 against ~0.1 for a typical token, and its
+    gradient (1 - exp(ref - logp)) ~ -50 outweighs the whole batch's policy gradient, which
+    clipping the norm then scales down with it. A capped token keeps its value in the loss
+    but gets no KL gradient (verl caps k3 at 10 the same way).
 
     loss_type picks how token losses become one number (|o_i| = tokens in completion i):
       grpo    : 1/N sum_i 1/|o_i| sum_t loss_it  (the seed: each completion weighs the same,
@@ -1116,10 +1124,11 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, beta: float, epsilon: 
     per_token = -torch.min(ratio * A, clipped * A)                     # (N, L)
     if beta > 0:
         delta = torch.where(mask, ref_logp - logp, zero)
-        kl = torch.exp(delta) - delta - 1                              # (N, L)
+        k3 = torch.exp(delta) - delta - 1                              # (N, L)
+        kl = k3.clamp(max=kl_cap) if kl_cap > 0 else k3
         per_token = per_token + beta * kl
     else:
-        kl = zero
+        kl = k3 = zero
     per_token = torch.where(mask, per_token, zero)
     lengths = mask.sum(1).clamp(min=1)                                 # (N,)
     N = total_sequences if total_sequences is not None else logp.shape[0]
@@ -1136,7 +1145,8 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, beta: float, epsilon: 
         m = mask.float()
         n_tok = m.sum().clamp(min=1)
         is_clipped = ((ratio < 1 - epsilon) & (A < 0)) | ((ratio > 1 + epsilon) & (A > 0))
-        stats = {"kl": float((kl * m).sum() / n_tok), "clip_frac": float((is_clipped.float() * m).sum() / n_tok),
+        stats = {"kl": float((kl * m).sum() / n_tok), "kl_max": float(torch.where(mask, k3, zero).max()) if mask.numel() else 0.0,
+                 "clip_frac": float((is_clipped.float() * m).sum() / n_tok),
                  "ratio_mean": float((ratio * m).sum() / n_tok), "tokens": float(m.sum())}
     return loss, stats
 
@@ -1438,7 +1448,7 @@ def policy_update(policy, ref_model, optimizer, rollouts: Rollouts, advantages, 
     seconds = {"ref_seconds": clock.lap(), "train_seconds": 0.0, "optimizer_seconds": 0.0}
     params = [p for p in policy.parameters() if p.requires_grad]
     sums = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "ratio_mean": 0.0, "entropy": 0.0}
-    skipped, grad_norm = 0, float("nan")
+    skipped, grad_norm, kl_max = 0, float("nan"), 0.0
     for _ in range(cfg.num_inner_updates):
         optimizer.zero_grad(set_to_none=True)
         loss_total = 0.0
@@ -1449,9 +1459,10 @@ def policy_update(policy, ref_model, optimizer, rollouts: Rollouts, advantages, 
             loss, stats = grpo_loss(logp, old, None if ref_logp is None else ref_logp[s], advantages[s],
                                     sub.completion_mask, cfg.beta, cfg.epsilon, cfg.loss_type,
                                     cfg.max_new_tokens, total_sequences=total_sequences,
-                                    total_tokens=total_tokens)
+                                    total_tokens=total_tokens, kl_cap=cfg.kl_cap)
             loss.backward()
             loss_total += loss.item()
+            kl_max = max(kl_max, stats["kl_max"])
             share = stats["tokens"] / float(total_tokens)  # token-weighted averages across micro-batches
             for key in ("kl", "clip_frac", "ratio_mean"):
                 sums[key] += stats[key] * share / cfg.num_inner_updates
@@ -1467,7 +1478,7 @@ def policy_update(policy, ref_model, optimizer, rollouts: Rollouts, advantages, 
             skipped += 1
         optimizer.zero_grad(set_to_none=True)
         seconds["optimizer_seconds"] += clock.lap()
-    return dict(sums, grad_norm=grad_norm, skipped_updates=skipped, **seconds)
+    return dict(sums, kl_max=kl_max, grad_norm=grad_norm, skipped_updates=skipped, **seconds)
 
 
 class PhaseClock:
@@ -1523,9 +1534,10 @@ def grpo_step(step: int, cfg: GRPOConfig, policy, ref_model, optimizer, tokenize
     shares = ("loss", "kl", "clip_frac", "ratio_mean", "entropy")
     update.update(zip(shares, all_reduce_floats([update[k] for k in shares], d)))
     phases = ("ref_seconds", "train_seconds", "optimizer_seconds")
-    slowest = all_reduce_floats([seconds, gen_seconds, peak_memory_gb(device), *(update[k] for k in phases)], d, op="max")
-    seconds, gen_seconds, peak = slowest[:3]
-    update.update(zip(phases, slowest[3:]))
+    slowest = all_reduce_floats([seconds, gen_seconds, peak_memory_gb(device), update["kl_max"],
+                                 *(update[k] for k in phases)], d, op="max")
+    seconds, gen_seconds, peak, update["kl_max"] = slowest[:4]
+    update.update(zip(phases, slowest[4:]))
     n = len(grades) * d.world
     variance = max(means.pop("reward_sq") - means["reward_mean"] ** 2, 0.0) * n / max(n - 1, 1)
     record = {

@@ -3,6 +3,8 @@
     python -m pytest tests/test_loss.py -v
 """
 
+import math
+
 import pytest
 import torch
 
@@ -112,6 +114,28 @@ def test_kl_gradient_pulls_the_policy_towards_the_reference():
     loss, _ = loss_of(logp, logp.detach(), ref, torch.zeros(1), beta=1.0)
     loss.backward()
     assert logp.grad.item() > 0  # gradient descent lowers logp, towards ref
+
+
+def test_kl_cap_bounds_one_outlier_token_and_its_gradient():
+    """One sampled token the policy made e^5 = 148x less likely than the reference: its k3
+    is ~142, ~1400x a typical token's, and its gradient alone would set the step."""
+    logp = torch.full((1, 8), -0.1)
+    logp[0, 3] = -6.0
+    ref = torch.full((1, 8), -0.2)
+    ref[0, 3] = -1.0
+    k3 = lambda d: math.exp(d) - d - 1
+    for cap, outlier in [(0.0, k3(5.0)), (10.0, 10.0)]:
+        x = logp.clone().requires_grad_(True)
+        loss, stats = loss_of(x, x.detach(), ref, torch.zeros(1), beta=1.0, kl_cap=cap)
+        loss.backward()
+        assert stats["kl"] == pytest.approx((7 * k3(-0.1) + outlier) / 8, rel=1e-5)
+        assert stats["kl_max"] == pytest.approx(k3(5.0), rel=1e-5)  # the uncapped worst token, either way
+        ordinary = x.grad[0, 0].item()
+        assert ordinary == pytest.approx((1 - math.exp(-0.1)) / 8, rel=1e-4)  # d/dlogp of k3, / |o|
+        if cap:
+            assert x.grad[0, 3].item() == 0.0  # capped: in the loss's value, out of its gradient
+        else:
+            assert x.grad[0, 3].item() == pytest.approx((1 - math.exp(5.0)) / 8, rel=1e-4)
 
 
 # --- masks and normalisation
