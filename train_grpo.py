@@ -200,7 +200,7 @@ def validate(cfg: GRPOConfig) -> None:
     for name in ("temperature", "learning_rate", "clip_grad_norm"):
         if not getattr(cfg, name) > 0 or not math.isfinite(getattr(cfg, name)):
             raise UsageError(f"--{name} must be a positive number, got {getattr(cfg, name)}")
-    for name in ("beta", "epsilon", "micro_batch_size", "save_every"):
+    for name in ("beta", "kl_cap", "epsilon", "micro_batch_size", "save_every"):
         if not getattr(cfg, name) >= 0:
             raise UsageError(f"--{name} must be zero or more, got {getattr(cfg, name)}")
     if cfg.num_generations < 2:
@@ -1145,7 +1145,8 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, beta: float, epsilon: 
         m = mask.float()
         n_tok = m.sum().clamp(min=1)
         is_clipped = ((ratio < 1 - epsilon) & (A < 0)) | ((ratio > 1 + epsilon) & (A > 0))
-        stats = {"kl": float((kl * m).sum() / n_tok), "kl_max": float(torch.where(mask, k3, zero).max()) if mask.numel() else 0.0,
+        worst = float(torch.where(mask, k3, zero).max()) if mask.numel() else 0.0
+        stats = {"kl": float((kl * m).sum() / n_tok), "kl_max": worst,
                  "clip_frac": float((is_clipped.float() * m).sum() / n_tok),
                  "ratio_mean": float((ratio * m).sum() / n_tok), "tokens": float(m.sum())}
     return loss, stats
@@ -1534,10 +1535,10 @@ def grpo_step(step: int, cfg: GRPOConfig, policy, ref_model, optimizer, tokenize
     shares = ("loss", "kl", "clip_frac", "ratio_mean", "entropy")
     update.update(zip(shares, all_reduce_floats([update[k] for k in shares], d)))
     phases = ("ref_seconds", "train_seconds", "optimizer_seconds")
-    slowest = all_reduce_floats([seconds, gen_seconds, peak_memory_gb(device), update["kl_max"],
-                                 *(update[k] for k in phases)], d, op="max")
-    seconds, gen_seconds, peak, update["kl_max"] = slowest[:4]
-    update.update(zip(phases, slowest[4:]))
+    maxima = all_reduce_floats([seconds, gen_seconds, peak_memory_gb(device), update["kl_max"],
+                                *(update[k] for k in phases)], d, op="max")  # the slowest rank's times
+    seconds, gen_seconds, peak, update["kl_max"] = maxima[:4]
+    update.update(zip(phases, maxima[4:]))
     n = len(grades) * d.world
     variance = max(means.pop("reward_sq") - means["reward_mean"] ** 2, 0.0) * n / max(n - 1, 1)
     record = {

@@ -580,6 +580,7 @@ def test_help_lists_every_field_with_its_default():
     (["--task", "chess"], "--task must be one of countdown, arithmetic"),
     (["--learning_rate", "0"], "--learning_rate must be a positive number"),
     (["--num_generations", "1"], "at least 2"),
+    (["--kl_cap", "-1"], "--kl_cap must be zero or more"),
     (["--preset", "gpu"], "--preset must be one of"),
     (["--resume", "maybe"], "expects bool"),
     (["stray"], "unexpected argument"),
