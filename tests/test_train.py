@@ -603,6 +603,13 @@ def test_flags_coerce_types_and_override_a_preset():
             cfg.beta, cfg.epsilon, cfg.temperature) == (2e-6, 4, 16, 160, 1200, 0.01, 0.2, 1.2)
 
 
+@pytest.mark.parametrize("preset", sorted(train_grpo.PRESETS))
+def test_every_preset_is_a_valid_config_with_a_distinct_val_set(preset):
+    cfg = parse_args(["--preset", preset])
+    problems = train_grpo.eval_problems(cfg)  # raises if the split has fewer distinct problems
+    assert len({data.problem_question(p) for p in problems}) == len(problems) == cfg.eval_size
+
+
 def test_dr_grpo_turns_off_std_scaling_unless_asked():
     assert parse_args(["--preset", "none", "--loss_type", "dr_grpo"]).scale_rewards is False
     assert parse_args(["--preset", "none", "--loss_type", "dr_grpo", "--scale_rewards", "true"]).scale_rewards
