@@ -468,20 +468,25 @@ def test_a_torn_last_sample_line_does_not_stop_a_resume(tiny_model_dir, tmp_path
     assert [r["step"] for r in rows] == [1] * 6 + [2] * 6
 
 
-def test_eval_reports_an_interval_and_accuracy_per_operator(tiny_model_dir, monkeypatch):
-    """A stand-in model that answers every + question right and nothing else."""
-    model, tok = train_grpo.load_model_and_tokenizer(tiny_model_dir, torch.float32)
-    val = data.generate_arithmetic_problems(200, "val", unique=True)
-
+def right_only_on(operator, val, seen=None):
+    """A stand-in for generate_rollouts: a model that answers every `operator` question of
+    `val` right and nothing else; `seen` collects the batch size of each call."""
     def answers(model, tokenizer, prompts, *args, **kwargs):
+        if seen is not None:
+            seen.append(len(prompts))
         texts = []
         for prompt in prompts:
             problem = next(p for p in val if p["question"] in prompt)
-            right = problem["question"].split()[3] == "+"
+            right = problem["question"].split()[3] == operator
             texts.append(f"<think>ok</think><answer>{problem['answer'] if right else 'x'}</answer>")
         return train_grpo.Rollouts(None, None, None, 0, texts, None)
+    return answers
 
-    monkeypatch.setattr(train_grpo, "generate_rollouts", answers)
+
+def test_eval_reports_an_interval_and_accuracy_per_operator(tiny_model_dir, monkeypatch):
+    model, tok = train_grpo.load_model_and_tokenizer(tiny_model_dir, torch.float32)
+    val = data.generate_arithmetic_problems(200, "val", unique=True)
+    monkeypatch.setattr(train_grpo, "generate_rollouts", right_only_on("+", val))
     cfg = parse_args(["--model", tiny_model_dir, "--preset", "none", "--task", "arithmetic", "--eval_batch_size", "16"])
     rec = train_grpo.evaluate(model, tok, val, cfg, [tok.eos_token_id])
     assert rec["n"] == 104 and rec["accuracy"] == pytest.approx(39 / 104)
@@ -502,17 +507,7 @@ def test_static_eval_keeps_one_batch_shape_and_the_same_answers(tiny_model_dir, 
     model, tok = train_grpo.load_model_and_tokenizer(tiny_model_dir, torch.float32)
     val = data.generate_arithmetic_problems(200, "val", unique=True)  # all 104
     seen = []
-
-    def answers(model, tokenizer, prompts, *args, **kwargs):
-        seen.append(len(prompts))
-        texts = []
-        for prompt in prompts:
-            problem = next(p for p in val if p["question"] in prompt)
-            right = problem["question"].split()[3] == "-"
-            texts.append(f"<think>ok</think><answer>{problem['answer'] if right else 'x'}</answer>")
-        return train_grpo.Rollouts(None, None, None, 0, texts, None)
-
-    monkeypatch.setattr(train_grpo, "generate_rollouts", answers)
+    monkeypatch.setattr(train_grpo, "generate_rollouts", right_only_on("-", val, seen))
     cfg = parse_args(["--model", tiny_model_dir, "--preset", "none", "--task", "arithmetic",
                       "--eval_batch_size", "16", "--sampler", sampler])
     rec = train_grpo.evaluate(model, tok, val, cfg, [tok.eos_token_id])
