@@ -1191,7 +1191,7 @@ def evaluate(model, tokenizer, problems, cfg: GRPOConfig, end_ids, autocast=None
     With N ranks each answers every N-th problem; the answers are gathered in order."""
     plain = not data.has_chat_template(tokenizer)
     mine = problems[d.rank::d.world]
-    size = min(cfg.eval_batch_size, len(mine))
+    size = max(1, min(cfg.eval_batch_size, len(mine)))  # a rank may hold no problems at all
     # A static cache compiles for each batch shape: a smaller last chunk would compile once
     # more (a minute on a GPU) for a few answers, so it is topped up with copies and trimmed.
     static = choose_sampler(cfg.sampler, next(model.parameters()).device) == "static"
@@ -1544,7 +1544,7 @@ def grpo_step(step: int, cfg: GRPOConfig, policy, ref_model, optimizer, tokenize
     update.update(zip(shares, all_reduce_floats([update[k] for k in shares], d)))
     phases = ("ref_seconds", "train_seconds", "optimizer_seconds")
     maxima = all_reduce_floats([seconds, gen_seconds, peak_memory_gb(device), update["kl_max"],
-                                *(update[k] for k in phases)], d, op="max")  # the slowest rank's times
+                                *(update[k] for k in phases)], d, op="max")  # over ranks: the slowest, the largest
     seconds, gen_seconds, peak, update["kl_max"] = maxima[:4]
     update.update(zip(phases, maxima[4:]))
     n = len(grades) * d.world
