@@ -252,6 +252,17 @@ def test_sampled_tokens_follow_softmax_of_logits_over_temperature(temperature):
     assert torch.equal(train_grpo.next_tokens(logits, temperature, True), torch.tensor([7]))
 
 
+def test_a_uniform_inside_a_tiny_tokens_interval_draws_that_token(monkeypatch):
+    """Token 1 holds p = 2e-8, between two tokens of ~0.5: its slice of the cumulative
+    distribution is [0.5, 0.5 + 2e-8). Floats in [0.5, 1) are 6e-8 apart in float32, so a
+    float32 sum or uniform could never land in it; float64 ones resolve it."""
+    p = torch.tensor([0.5, 2e-8, 0.5 - 2e-8], dtype=torch.float64)
+    logits = p.log().float()[None].expand(3, -1)
+    fractions = torch.tensor([[0.5 - 1e-8], [0.5 + 1e-8], [0.5 + 3e-8]], dtype=torch.float64)
+    monkeypatch.setattr(torch, "rand", lambda *shape, device=None, dtype=torch.float32: fractions.to(dtype))
+    assert train_grpo.next_tokens(logits, 1.0, False).tolist() == [0, 1, 2]
+
+
 def prompts_of_different_lengths(tok, n=3):
     """Arithmetic prompts whose token counts differ, so left padding is exercised."""
     prompts = train_grpo.prompts_for(tok, data.generate_arithmetic_problems(40, seed=2))
