@@ -302,6 +302,34 @@ def test_group_sampler_matches_a_plain_loop_over_each_padded_prompt_and_prefills
     assert torch.equal(got[roll.completion_mask], expected[:, :got.shape[1]][roll.completion_mask])
 
 
+@pytest.mark.parametrize("sampler", ["groups", "static", "generate"])
+def test_the_loss_scores_each_sampled_token_as_the_sampler_drew_it(qwen_sampling_model_dir, monkeypatch, sampler):
+    """On-policy, for every sampler, under left padding: the log-prob the loss's pass gives a
+    sampled token is the one in the distribution the sampler drew it from."""
+    model, tok = train_grpo.load_model_and_tokenizer(qwen_sampling_model_dir, torch.float32)
+    model.eval()
+    prompts, G, T = prompts_of_different_lengths(tok), 4, 1.2
+    drawn_from = []  # (N, V) log-probabilities, one per decode step
+    if sampler == "groups":
+        draw = train_grpo.next_tokens
+        monkeypatch.setattr(train_grpo, "next_tokens", lambda logits, t, g: drawn_from.append(
+            torch.log_softmax(logits.float() / t, -1)) or draw(logits, t, g))
+    else:  # generate draws with torch.multinomial(softmax(processed logits))
+        multinomial = torch.multinomial
+        monkeypatch.setattr(torch, "multinomial", lambda probs, *a, **k: drawn_from.append(
+            probs.log()) or multinomial(probs, *a, **k))
+    torch.manual_seed(4)
+    roll = train_grpo.generate_rollouts(model, tok, prompts, G, 10, T, train_grpo.end_token_ids(tok, model),
+                                        sampler=sampler)
+    P, mask = roll.prompt_len, roll.completion_mask
+    L = mask.shape[1]
+    sampled = roll.input_ids[:, P:]
+    expected = torch.stack(drawn_from[:L], 1).gather(-1, sampled[..., None]).squeeze(-1)  # (N, L)
+    with torch.no_grad():
+        scored, _ = train_grpo.completion_logprobs(model, roll, T, group_size=G)
+    torch.testing.assert_close(scored[mask], expected[mask], rtol=0, atol=1e-4)
+
+
 def reference_decode_masked(model, prompt_ids, prompt_mask, steps: int, temperature: float):
     """reference_decode for left-padded prompts: the whole sequence rerun at every step."""
     ids, mask = prompt_ids, prompt_mask
