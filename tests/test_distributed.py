@@ -21,6 +21,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+import engine
 import train_grpo
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="this torch has no torch.distributed")
@@ -30,7 +31,7 @@ COMPARED = ("reward_mean", "reward_std", "accuracy", "format_rate", "zero_spread
 
 
 def fixed_rollouts(model, tokenizer, prompts, num_generations, max_new_tokens, temperature, end_ids,
-                   autocast=None, greedy=False, sampler="auto"):
+                   greedy=False, sampler="auto"):
     """Random completions seeded by the prompt's text: the same whichever process draws
     them and whatever else is in its batch. Rows end at different lengths, some never."""
     tokenizer.padding_side = "left"
@@ -46,9 +47,9 @@ def fixed_rollouts(model, tokenizer, prompts, num_generations, max_new_tokens, t
                 ids[row, end] = end_ids[0]
         groups.append(ids)
     completion = torch.cat(groups)
-    mask, truncated = train_grpo.completion_mask_from_ends(completion, end_ids)
+    mask, truncated = engine.completion_mask_from_ends(completion, end_ids)
     texts = [tokenizer.decode(c[m], skip_special_tokens=True) for c, m in zip(completion, mask)]
-    return train_grpo.Rollouts(torch.cat([enc["input_ids"], completion], 1),
+    return engine.Rollouts(torch.cat([enc["input_ids"], completion], 1),
                                torch.cat([enc["attention_mask"], torch.ones_like(completion)], 1),
                                mask, enc["input_ids"].shape[1], texts, truncated)
 
@@ -62,6 +63,7 @@ def worker(rank, world, port, argv, slow):
     """One process of a torchrun-style launch."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
+    import engine as worker_engine
     import train_grpo as tg
 
     def rollouts(*args, **kwargs):
@@ -69,7 +71,7 @@ def worker(rank, world, port, argv, slow):
             time.sleep(0.5)  # leaves time for a signal to land mid-run
         return fixed_rollouts(*args, **kwargs)
 
-    tg.generate_rollouts, tg.grade = rollouts, checksum_grade
+    worker_engine.generate_rollouts, tg.grade = rollouts, checksum_grade
     code = tg.main(argv)
     if code:
         sys.exit(code)
@@ -121,7 +123,7 @@ def assert_same_training(a, b):
 
 @pytest.fixture
 def one_process(monkeypatch):
-    monkeypatch.setattr(train_grpo, "generate_rollouts", fixed_rollouts)
+    monkeypatch.setattr(engine, "generate_rollouts", fixed_rollouts)
     monkeypatch.setattr(train_grpo, "grade", checksum_grade)
 
 
@@ -139,7 +141,7 @@ def test_two_processes_update_exactly_like_one_over_the_same_prompts(tiny_model_
     assert len(rows) == 2 * 2 * 3  # 2 steps x 2 prompts (one per rank) x 3 completions
     step1 = [r["reward"] for r in rows if r["step"] == 1]
     assert metrics_of(double)["steps"][0]["reward_mean"] == pytest.approx(sum(step1) / len(step1))
-    assert "2 processes (gloo)" in metrics_of(double)["runtime"]
+    assert "2 processes (gloo)" in metrics_of(double)["runtime"]["device"]
 
 
 def test_two_processes_stopped_by_sigterm_resume_like_an_uninterrupted_run(tiny_model_dir, tmp_path, capsys):

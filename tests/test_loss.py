@@ -8,15 +8,17 @@ import math
 import pytest
 import torch
 
-from train_grpo import (Rollouts, completion_logprobs, completion_mask_from_ends, group_advantages,
-                        grpo_loss)
+from engine import Rollouts, completion_mask_from_ends
+from train_grpo import GRPOConfig, completion_logprobs, group_advantages, grpo_loss
 
 torch.manual_seed(0)
 
 
-def loss_of(logp, old, ref, adv, mask=None, beta=0.0, eps=0.2, loss_type="grpo", **kw):
+def loss_of(logp, old, ref, adv, mask=None, beta=0.0, eps=0.2, loss_type="grpo", max_new_tokens=1, kl_cap=0.0,
+            **totals):
     mask = torch.ones_like(logp, dtype=torch.bool) if mask is None else mask
-    return grpo_loss(logp, old, ref, adv, mask, beta, eps, loss_type, **kw)
+    cfg = GRPOConfig(beta=beta, epsilon=eps, loss_type=loss_type, max_new_tokens=max_new_tokens, kl_cap=kl_cap)
+    return grpo_loss(logp, old, ref, adv, mask, cfg, **totals)
 
 
 # --- advantages

@@ -11,8 +11,9 @@ import json
 import pytest
 import torch
 
+import precision
 import train_grpo
-from train_grpo import MasterWeights, load_policy_and_reference, make_optimizer, parse_args, weights_of_record
+from train_grpo import load_policy_and_reference, parse_args
 
 
 def tiny_cfg(model_dir, *extra):
@@ -31,7 +32,7 @@ def changed_fraction(before: dict, after: dict) -> float:
 
 
 def float32_weights(model, optimizer) -> dict:
-    with weights_of_record(model, optimizer):
+    with precision.masters_in_model(optimizer):
         return {k: v.detach().float().clone() for k, v in model.state_dict().items()}
 
 
@@ -41,7 +42,7 @@ def test_one_step_at_the_seed_learning_rate_moves_the_weights_of_a_bf16_model(ti
     assert cfg.learning_rate == 2e-6  # the seed's
     policy, _, _ = load_policy_and_reference(cfg, "cpu", torch.bfloat16)
     assert next(policy.parameters()).dtype == torch.bfloat16
-    opt = make_optimizer(cfg, policy)
+    opt = precision.make_optimizer(cfg, policy)
     before = float32_weights(policy, opt)
     backward_something(policy)
     opt.step()
@@ -63,14 +64,14 @@ def test_stochastic_rounding_is_unbiased_and_exact_on_representable_values():
     src = torch.cat([torch.full((100_000,), 1 + ulp / 4), torch.full((100_000,), -(1 + 3 * ulp / 4)),
                      torch.tensor([1.0, -2.5, 0.0, 3.140625])])
     dst = torch.empty_like(src, dtype=torch.bfloat16)
-    train_grpo.copy_rounded_stochastically(dst, src, torch.Generator().manual_seed(0), chunk=4096)
+    precision.copy_rounded_stochastically(dst, src, torch.Generator().manual_seed(0), chunk=4096)
     up = dst[:100_000].float() == 1 + ulp
     assert set(dst[:100_000].float().unique().tolist()) == {1.0, 1 + ulp}
     assert up.float().mean().item() == pytest.approx(0.25, abs=0.01)
     assert dst[100_000:200_000].float().mean().item() == pytest.approx(-(1 + 3 * ulp / 4), abs=1e-4)
     assert dst[-4:].float().tolist() == [1.0, -2.5, 0.0, 3.140625]  # representable: unchanged
     again = torch.empty_like(dst)
-    train_grpo.copy_rounded_stochastically(again, src, torch.Generator().manual_seed(0), chunk=4096)
+    precision.copy_rounded_stochastically(again, src, torch.Generator().manual_seed(0), chunk=4096)
     assert torch.equal(dst, again)  # seeded: a resumed run rounds the same way
 
 
@@ -78,8 +79,8 @@ def test_without_master_weights_bf16_loses_most_updates(tiny_model_dir):
     """The failure the masters fix, kept visible: --master_weights false is plain bf16."""
     cfg = tiny_cfg(tiny_model_dir, "--optimizer", "adamw", "--master_weights", "false")
     policy, _, _ = load_policy_and_reference(cfg, "cpu", torch.bfloat16)
-    opt = make_optimizer(cfg, policy)
-    assert not isinstance(opt, MasterWeights)
+    opt = precision.make_optimizer(cfg, policy)
+    assert not isinstance(opt, precision.MasterWeights)
     before = {k: v.clone() for k, v in policy.state_dict().items()}
     backward_something(policy)
     opt.step()
@@ -90,7 +91,7 @@ def test_master_step_is_exactly_a_float32_adamw_step(tiny_model_dir):
     """Stepping one tensor at a time is the same update as one step over all of them."""
     cfg = tiny_cfg(tiny_model_dir, "--optimizer", "adamw", "--learning_rate", "1e-3")
     policy, _, _ = load_policy_and_reference(cfg, "cpu", torch.bfloat16)
-    opt = make_optimizer(cfg, policy)
+    opt = precision.make_optimizer(cfg, policy)
     reference = [p.detach().float().clone().requires_grad_(True) for p in policy.parameters()]
     plain = torch.optim.AdamW(reference, lr=1e-3, weight_decay=0.0)
     for _ in range(3):
@@ -106,7 +107,7 @@ def test_master_step_is_exactly_a_float32_adamw_step(tiny_model_dir):
 def test_float32_models_need_no_masters(tiny_model_dir):
     cfg = parse_args(["--model", tiny_model_dir, "--preset", "none", "--dtype", "float32", "--optimizer", "adamw"])
     policy, _, _ = load_policy_and_reference(cfg, "cpu", torch.float32)
-    assert isinstance(make_optimizer(cfg, policy), torch.optim.AdamW)
+    assert isinstance(precision.make_optimizer(cfg, policy), torch.optim.AdamW)
 
 
 def tiny_run(model_dir, out, *extra):

@@ -140,5 +140,5 @@ def test_readme_torchrun_commands_run_in_smoke_form(tiny_model_dir, tmp_path):
         out = subprocess.run(argv + shlex.split(smoke) + ["--output_dir", str(out_dir)], cwd=tmp_path,
                              capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, (command, out.stderr[-3000:])
-        assert "2 processes (gloo)" in json.loads((out_dir / "grpo_metrics.json").read_text())["runtime"]
+        assert "2 processes (gloo)" in json.loads((out_dir / "grpo_metrics.json").read_text())["runtime"]["device"]
         assert out.stdout.count("step 1/1") == 1  # one process speaks

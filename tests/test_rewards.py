@@ -10,9 +10,8 @@ import time
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from data import generate_countdown_problems
-from train_grpo import (arithmetic_reward, countdown_reward, evaluate_expression, grade,
-                        grade_countdown, last_answer)
+from data import evaluate_expression, generate_countdown_problems
+from train_grpo import arithmetic_reward, countdown_reward, grade, grade_countdown, last_answer
 
 THINK = "<think>\nsome reasoning\n</think>\n"
 
@@ -113,10 +112,10 @@ ARITHMETIC_CASES = [
 ]
 
 
-@pytest.mark.parametrize("completion, answer, plain, expected, why", ARITHMETIC_CASES,
+@pytest.mark.parametrize("completion, answer, no_template, expected, why", ARITHMETIC_CASES,
                          ids=[c[-1] for c in ARITHMETIC_CASES])
-def test_arithmetic_reward_table(completion, answer, plain, expected, why):
-    assert arithmetic_reward(completion, answer, plain=plain) == pytest.approx(expected), why
+def test_arithmetic_reward_table(completion, answer, no_template, expected, why):
+    assert arithmetic_reward(completion, answer, no_template=no_template) == pytest.approx(expected), why
 
 
 def test_last_answer():
@@ -159,9 +158,9 @@ def test_adversarial_inputs_return_a_float_quickly(completion):
     start = time.perf_counter()
     c = countdown_reward(completion, [3, 5, 2], 13)
     a = arithmetic_reward(completion, "13")
-    p = arithmetic_reward(completion, "13", plain=True)
+    p = arithmetic_reward(completion, "13", no_template=True)
     assert all(isinstance(x, float) and 0.0 <= x <= 1.0 for x in (c, a, p))
-    # Not a speed test (bench.py measures that: ~0.1 s worst case): a guard against
+    # Not a speed test (python bench.py rewards measures that): a guard against
     # super-linear blow-ups, which on these 1 MB inputs would take minutes, not seconds.
     assert time.perf_counter() - start < 5.0
 
@@ -241,4 +240,4 @@ def test_reward_never_raises_on_arbitrary_text(text):
     for completion in (text, ans(text), f"<think>{text}</think><answer>{text}</answer>"):
         assert 0.0 <= countdown_reward(completion, [3, 5, 2], 13) <= 1.0
         assert 0.0 <= arithmetic_reward(completion, "23") <= 1.0
-        assert 0.0 <= arithmetic_reward(completion, "23", plain=True) <= 1.0
+        assert 0.0 <= arithmetic_reward(completion, "23", no_template=True) <= 1.0

@@ -12,8 +12,12 @@ import pytest
 import torch
 
 import data
+import engine
+import plumbing
+import precision
 import train_grpo
-from train_grpo import GRPOConfig, UsageError, parse_args
+from plumbing import UsageError
+from train_grpo import GRPOConfig, parse_args
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -48,6 +52,13 @@ def test_two_steps_write_every_output(tiny_model_dir, tmp_path, varied_rewards):
     rows = [json.loads(line) for line in (tmp_path / "grpo_samples.jsonl").read_text().splitlines()]
     assert len(rows) == 2 * 2 * 3 and {"question", "completion", "reward", "prompt"} <= rows[0].keys()
     assert (tmp_path / "checkpoints" / "step_000002" / "trainer_state.pt").is_file()
+    assert not list(tmp_path.rglob("*.tmp"))  # every file was written whole, then renamed into place
+    runtime = metrics["runtime"]
+    assert runtime["device"].startswith("cpu (float32 weights)") and runtime["torch"] == torch.__version__
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    assert runtime["commit"] in (head, head + "-dirty") if head else runtime["commit"] is None
+    import transformers
+    assert runtime["transformers"] == transformers.__version__
     saved = tmp_path / "saved_model"
     assert json.loads((saved / "grpo_config.json").read_text())["task"] == "countdown"
 
@@ -117,10 +128,10 @@ def test_ctrl_c_finishes_the_step_saves_a_checkpoint_and_resume_completes(tiny_m
     import signal
     real = train_grpo.grpo_step
 
-    def interrupted(step, *args, **kwargs):
+    def interrupted(run, step):
         if step == 2:
             signal.raise_signal(signal.SIGINT)  # as if the user pressed Ctrl-C during step 2
-        return real(step, *args, **kwargs)
+        return real(run, step)
 
     monkeypatch.setattr(train_grpo, "grpo_step", interrupted)
     args = tiny_args(tiny_model_dir, tmp_path, "--num_iterations", "4", "--save_every", "0")
@@ -158,10 +169,10 @@ def test_reference_model_is_frozen_and_never_gets_grad(tiny_model_dir, tmp_path,
     seen = {}
     real = train_grpo.policy_update
 
-    def spy(policy, ref_model, *args, **kwargs):
-        out = real(policy, ref_model, *args, **kwargs)
-        seen["ref"] = ref_model
-        seen["policy_params"] = [p.detach().clone() for p in policy.parameters()]
+    def spy(run, *args, **kwargs):
+        out = real(run, *args, **kwargs)
+        seen["ref"] = run.ref_model
+        seen["policy_params"] = [p.detach().clone() for p in run.policy.parameters()]
         return out
 
     monkeypatch.setattr(train_grpo, "policy_update", spy)
@@ -178,7 +189,7 @@ def test_beta_zero_loads_no_reference_model(tiny_model_dir, tmp_path, monkeypatc
     seen = {}
     real = train_grpo.policy_update
     monkeypatch.setattr(train_grpo, "policy_update",
-                        lambda policy, ref, *a, **k: seen.setdefault("ref", ref) or real(policy, ref, *a, **k))
+                        lambda run, *a, **k: seen.setdefault("ref", run.ref_model) or real(run, *a, **k))
     assert train_grpo.main(tiny_args(tiny_model_dir, tmp_path, "--num_iterations", "1", "--beta", "0")) == 0
     assert seen["ref"] is None and steps_of(tmp_path)[0]["kl"] == 0
 
@@ -222,16 +233,16 @@ def reference_decode(model, prompt_ids, steps: int, temperature: float, greedy: 
 @pytest.mark.parametrize("greedy, temperature", [(True, 1.0), (False, 1.0), (False, 1.2)])
 def test_generation_is_exactly_what_the_loss_assumes_whatever_the_shipped_config(
         qwen_sampling_model_dir, greedy, temperature, sampler):
-    model, tok = train_grpo.load_model_and_tokenizer(qwen_sampling_model_dir, torch.float32)
+    model, tok = plumbing.load_model_and_tokenizer(qwen_sampling_model_dir, torch.float32)
     model.eval()
     prompt = train_grpo.prompts_for(tok, data.generate_arithmetic_problems(1, seed=5))[0]
-    end_ids = train_grpo.end_token_ids(tok, model)
+    end_ids = engine.end_token_ids(tok, model)
     torch.manual_seed(7)
-    roll = train_grpo.generate_rollouts(model, tok, [prompt], 6, 12, temperature, end_ids, greedy=greedy,
+    roll = engine.generate_rollouts(model, tok, [prompt], 6, 12, temperature, end_ids, greedy=greedy,
                                         sampler=sampler)
     torch.manual_seed(7)
     prompt_ids = tok([prompt] * 6, return_tensors="pt", add_special_tokens=False)["input_ids"]
-    draw = train_grpo.next_tokens if sampler == "groups" else multinomial
+    draw = engine.next_tokens if sampler == "groups" else multinomial
     expected = reference_decode(model, prompt_ids, 12, temperature, greedy, draw)
     got = roll.input_ids[:, roll.prompt_len:]  # static pads prompts further left: compare completions only
     L = got.shape[1]
@@ -243,13 +254,13 @@ def test_generation_is_exactly_what_the_loss_assumes_whatever_the_shipped_config
 def test_sampled_tokens_follow_softmax_of_logits_over_temperature(temperature):
     logits = torch.tensor([[2.0, 0.5, -1.0, 1.5, float("-inf"), 0.0, -3.0, 3.0]])
     torch.manual_seed(0)
-    draws = torch.cat([train_grpo.next_tokens(logits.expand(10_000, -1), temperature, False) for _ in range(10)])
+    draws = torch.cat([engine.next_tokens(logits.expand(10_000, -1), temperature, False) for _ in range(10)])
     freq = torch.bincount(draws, minlength=8).double() / len(draws)
     p = torch.softmax(logits[0].double() / temperature, dim=-1)
     sigma = (p * (1 - p) / len(draws)).sqrt()
     assert freq[4] == 0                                                  # a -inf logit is never drawn
     assert ((freq - p).abs() <= 4 * sigma + 1e-12).all(), (freq, p)      # 100k draws: within 4 sigma
-    assert torch.equal(train_grpo.next_tokens(logits, temperature, True), torch.tensor([7]))
+    assert torch.equal(engine.next_tokens(logits, temperature, True), torch.tensor([7]))
 
 
 def test_a_uniform_inside_a_tiny_tokens_interval_draws_that_token(monkeypatch):
@@ -260,7 +271,7 @@ def test_a_uniform_inside_a_tiny_tokens_interval_draws_that_token(monkeypatch):
     logits = p.log().float()[None].expand(3, -1)
     fractions = torch.tensor([[0.5 - 1e-8], [0.5 + 1e-8], [0.5 + 3e-8]], dtype=torch.float64)
     monkeypatch.setattr(torch, "rand", lambda *shape, device=None, dtype=torch.float32: fractions.to(dtype))
-    assert train_grpo.next_tokens(logits, 1.0, False).tolist() == [0, 1, 2]
+    assert engine.next_tokens(logits, 1.0, False).tolist() == [0, 1, 2]
 
 
 def prompts_of_different_lengths(tok, n=3):
@@ -273,17 +284,17 @@ def prompts_of_different_lengths(tok, n=3):
 
 def test_group_sampler_matches_a_plain_loop_over_each_padded_prompt_and_prefills_once(
         qwen_sampling_model_dir, monkeypatch):
-    model, tok = train_grpo.load_model_and_tokenizer(qwen_sampling_model_dir, torch.float32)
+    model, tok = plumbing.load_model_and_tokenizer(qwen_sampling_model_dir, torch.float32)
     model.eval()
     prompts = prompts_of_different_lengths(tok)
-    end_ids = train_grpo.end_token_ids(tok, model)
+    end_ids = engine.end_token_ids(tok, model)
     batch_sizes, seen = [], []
     hook = model.base_model.register_forward_hook(lambda m, args, kw, out: batch_sizes.append(
         (kw["input_ids"].shape)), with_kwargs=True)
-    draw = train_grpo.next_tokens
-    monkeypatch.setattr(train_grpo, "next_tokens", lambda logits, *a: seen.append(logits) or draw(logits, *a))
+    draw = engine.next_tokens
+    monkeypatch.setattr(engine, "next_tokens", lambda logits, *a: seen.append(logits) or draw(logits, *a))
     torch.manual_seed(3)
-    roll = train_grpo.generate_rollouts(model, tok, prompts, 4, 10, 1.0, end_ids, sampler="groups")
+    roll = engine.generate_rollouts(model, tok, prompts, 4, 10, 1.0, end_ids, sampler="groups")
     hook.remove()
     # each step draws from the logits a full rerun of the sequence so far gives
     position_ids = (roll.attention_mask.cumsum(-1) - 1).clamp(min=0)
@@ -306,20 +317,20 @@ def test_group_sampler_matches_a_plain_loop_over_each_padded_prompt_and_prefills
 def test_the_loss_scores_each_sampled_token_as_the_sampler_drew_it(qwen_sampling_model_dir, monkeypatch, sampler):
     """On-policy, for every sampler, under left padding: the log-prob the loss's pass gives a
     sampled token is the one in the distribution the sampler drew it from."""
-    model, tok = train_grpo.load_model_and_tokenizer(qwen_sampling_model_dir, torch.float32)
+    model, tok = plumbing.load_model_and_tokenizer(qwen_sampling_model_dir, torch.float32)
     model.eval()
     prompts, G, T = prompts_of_different_lengths(tok), 4, 1.2
     drawn_from = []  # (N, V) log-probabilities, one per decode step
     if sampler == "groups":
-        draw = train_grpo.next_tokens
-        monkeypatch.setattr(train_grpo, "next_tokens", lambda logits, t, g: drawn_from.append(
+        draw = engine.next_tokens
+        monkeypatch.setattr(engine, "next_tokens", lambda logits, t, g: drawn_from.append(
             torch.log_softmax(logits.float() / t, -1)) or draw(logits, t, g))
     else:  # generate draws with torch.multinomial(softmax(processed logits))
         multinomial = torch.multinomial
         monkeypatch.setattr(torch, "multinomial", lambda probs, *a, **k: drawn_from.append(
             probs.log()) or multinomial(probs, *a, **k))
     torch.manual_seed(4)
-    roll = train_grpo.generate_rollouts(model, tok, prompts, G, 10, T, train_grpo.end_token_ids(tok, model),
+    roll = engine.generate_rollouts(model, tok, prompts, G, 10, T, engine.end_token_ids(tok, model),
                                         sampler=sampler)
     P, mask = roll.prompt_len, roll.completion_mask
     L = mask.shape[1]
@@ -337,23 +348,23 @@ def reference_decode_masked(model, prompt_ids, prompt_mask, steps: int, temperat
         for _ in range(steps):
             position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
             logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits[:, -1].float()
-            nxt = train_grpo.next_tokens(logits, temperature, False)
+            nxt = engine.next_tokens(logits, temperature, False)
             ids, mask = torch.cat([ids, nxt[:, None]], 1), torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
     return ids[:, prompt_ids.shape[1]:]
 
 
 def test_group_sampler_stops_at_the_step_the_last_row_ends(qwen_sampling_model_dir):
-    model, tok = train_grpo.load_model_and_tokenizer(qwen_sampling_model_dir, torch.float32)
+    model, tok = plumbing.load_model_and_tokenizer(qwen_sampling_model_dir, torch.float32)
     model.eval()
     prompt = train_grpo.prompts_for(tok, data.generate_arithmetic_problems(1, seed=5))[0]
     torch.manual_seed(0)
-    free = train_grpo.generate_rollouts(model, tok, [prompt], 4, 8, 1.0, [tok.eos_token_id], sampler="groups")
+    free = engine.generate_rollouts(model, tok, [prompt], 4, 8, 1.0, [tok.eos_token_id], sampler="groups")
     # End on whatever token each row draws third: every row ends by step 3, so the loop does too.
     third = free.input_ids[:, free.prompt_len + 2].tolist()
     calls = []
     hook = model.base_model.register_forward_hook(lambda *a: calls.append(1))
     torch.manual_seed(0)
-    roll = train_grpo.generate_rollouts(model, tok, [prompt], 4, 8, 1.0, third, sampler="groups")
+    roll = engine.generate_rollouts(model, tok, [prompt], 4, 8, 1.0, third, sampler="groups")
     hook.remove()
     assert roll.input_ids.shape[1] - roll.prompt_len <= 3 and len(calls) <= 3  # prefill + at most 2 decode steps
     assert not roll.truncated.any()
@@ -364,10 +375,10 @@ def test_sampler_sees_weights_the_optimizer_changed_in_place(qwen_sampling_model
     """A static cache compiled into CUDA graphs captures weight addresses, not values: the
     optimizer must update the weights in place and the sampler must see the new ones. On CPU
     the same code runs eagerly; on a GPU this test would replay the captured graphs."""
-    model, tok = train_grpo.load_model_and_tokenizer(qwen_sampling_model_dir, torch.float32)
+    model, tok = plumbing.load_model_and_tokenizer(qwen_sampling_model_dir, torch.float32)
     prompt = train_grpo.prompts_for(tok, data.generate_arithmetic_problems(1, seed=5))[0]
-    end_ids = train_grpo.end_token_ids(tok, model)
-    before = train_grpo.generate_rollouts(model, tok, [prompt], 1, 12, 1.0, end_ids, greedy=True, sampler=sampler)
+    end_ids = engine.end_token_ids(tok, model)
+    before = engine.generate_rollouts(model, tok, [prompt], 1, 12, 1.0, end_ids, greedy=True, sampler=sampler)
     # Teach it another answer, in place (Adam writes into the parameters it holds).
     seven = tok("7", add_special_tokens=False)["input_ids"][0]
     target = before._replace(input_ids=before.input_ids.clone())
@@ -378,7 +389,7 @@ def test_sampler_sees_weights_the_optimizer_changed_in_place(qwen_sampling_model
         optimizer.zero_grad()
         logp.sum().neg().backward()
         optimizer.step()
-    after = train_grpo.generate_rollouts(model, tok, [prompt], 1, 12, 1.0, end_ids, greedy=True, sampler=sampler)
+    after = engine.generate_rollouts(model, tok, [prompt], 1, 12, 1.0, end_ids, greedy=True, sampler=sampler)
     P = after.prompt_len
     expected = reference_decode(model, after.input_ids[:, :P], 12, 1.0, greedy=True)
     got = after.input_ids[:, P:]
@@ -388,7 +399,7 @@ def test_sampler_sees_weights_the_optimizer_changed_in_place(qwen_sampling_model
 
 def test_saved_model_carries_a_neutral_generation_config(qwen_sampling_model_dir, tmp_path):
     from transformers import GenerationConfig
-    model, tok = train_grpo.load_model_and_tokenizer(qwen_sampling_model_dir, torch.float32)
+    model, tok = plumbing.load_model_and_tokenizer(qwen_sampling_model_dir, torch.float32)
     model.save_pretrained(tmp_path)
     saved = GenerationConfig.from_pretrained(tmp_path)
     assert (saved.top_k, saved.top_p, saved.repetition_penalty, saved.min_p) in [(None, None, None, None),
@@ -403,7 +414,7 @@ def test_sampling_ignores_the_models_own_generation_defaults(tiny_model_dir):
     model.generation_config.top_k = 1  # as if greedy were baked in: our sampling must ignore it
     model.generation_config.repetition_penalty = 5.0
     torch.manual_seed(0)
-    roll = train_grpo.generate_rollouts(model, tok, ["hello"], 8, 6, 1.0, [tok.eos_token_id])
+    roll = engine.generate_rollouts(model, tok, ["hello"], 8, 6, 1.0, [tok.eos_token_id])
     assert len(set(roll.texts)) > 1
 
 
@@ -428,7 +439,7 @@ def test_dropout_is_off_while_scoring_so_the_first_update_starts_at_kl_zero(gpt2
     policy, ref, tok = train_grpo.load_policy_and_reference(cfg, "cpu", torch.float32)
     assert policy.training  # checkpointing needs training mode; dropout must not care
     prompts = train_grpo.prompts_for(tok, data.generate_arithmetic_problems(2, seed=1))
-    roll = train_grpo.generate_rollouts(policy, tok, prompts, 3, 8, 1.0, train_grpo.end_token_ids(tok, policy))
+    roll = engine.generate_rollouts(policy, tok, prompts, 3, 8, 1.0, engine.end_token_ids(tok, policy))
     first, _ = train_grpo.completion_logprobs(policy, roll, 1.0)
     again, _ = train_grpo.completion_logprobs(policy, roll, 1.0)
     of_ref, _ = train_grpo.completion_logprobs(ref, roll, 1.0)
@@ -449,9 +460,9 @@ def test_checkpointing_is_switched_on_once_and_the_saved_config_keeps_use_cache(
                                                                                  monkeypatch):
     hooks, real = [], train_grpo.grpo_step
 
-    def counting(step, cfg, policy, *args, **kwargs):
-        out = real(step, cfg, policy, *args, **kwargs)
-        emb = policy.get_input_embeddings()
+    def counting(run, step):
+        out = real(run, step)
+        emb = run.policy.get_input_embeddings()
         hooks.append(len(emb._forward_hooks) + len(emb._forward_pre_hooks))
         return out
 
@@ -518,16 +529,16 @@ def right_only_on(operator, val, seen=None):
             problem = next(p for p in val if p["question"] in prompt)
             right = problem["question"].split()[3] == operator
             texts.append(f"<think>ok</think><answer>{problem['answer'] if right else 'x'}</answer>")
-        return train_grpo.Rollouts(None, None, None, 0, texts, None)
+        return engine.Rollouts(None, None, None, 0, texts, None)
     return answers
 
 
 def test_eval_reports_an_interval_and_accuracy_per_operator(tiny_model_dir, monkeypatch):
-    model, tok = train_grpo.load_model_and_tokenizer(tiny_model_dir, torch.float32)
+    model, tok = plumbing.load_model_and_tokenizer(tiny_model_dir, torch.float32)
     val = data.generate_arithmetic_problems(200, "val", unique=True)
-    monkeypatch.setattr(train_grpo, "generate_rollouts", right_only_on("+", val))
+    monkeypatch.setattr(engine, "generate_rollouts", right_only_on("+", val))
     cfg = parse_args(["--model", tiny_model_dir, "--preset", "none", "--task", "arithmetic", "--eval_batch_size", "16"])
-    rec = train_grpo.evaluate(model, tok, val, cfg, [tok.eos_token_id])
+    rec = train_grpo.evaluate(train_grpo.Run(cfg, model, tok, [tok.eos_token_id]), val)
     assert rec["n"] == 104 and rec["accuracy"] == pytest.approx(39 / 104)
     assert rec["by_category"] == {"*": {"n": 16, "accuracy": 0.0}, "+": {"n": 39, "accuracy": 1.0},
                                   "-": {"n": 49, "accuracy": 0.0}}
@@ -543,13 +554,13 @@ def test_eval_reports_an_interval_and_accuracy_per_operator(tiny_model_dir, monk
     ("groups", [16] * 6 + [8]),      # eager: no copies to pay for
 ])
 def test_static_eval_keeps_one_batch_shape_and_the_same_answers(tiny_model_dir, monkeypatch, sampler, sizes):
-    model, tok = train_grpo.load_model_and_tokenizer(tiny_model_dir, torch.float32)
+    model, tok = plumbing.load_model_and_tokenizer(tiny_model_dir, torch.float32)
     val = data.generate_arithmetic_problems(200, "val", unique=True)  # all 104
     seen = []
-    monkeypatch.setattr(train_grpo, "generate_rollouts", right_only_on("-", val, seen))
+    monkeypatch.setattr(engine, "generate_rollouts", right_only_on("-", val, seen))
     cfg = parse_args(["--model", tiny_model_dir, "--preset", "none", "--task", "arithmetic",
                       "--eval_batch_size", "16", "--sampler", sampler])
-    rec = train_grpo.evaluate(model, tok, val, cfg, [tok.eos_token_id])
+    rec = train_grpo.evaluate(train_grpo.Run(cfg, model, tok, [tok.eos_token_id]), val)
     assert seen == sizes
     assert rec["n"] == 104 and rec["by_category"]["-"] == {"n": 49, "accuracy": 1.0}
     assert rec["accuracy"] == pytest.approx(49 / 104)  # the copies are not counted
@@ -569,32 +580,32 @@ def test_cpu_autocast_auto_is_decided_by_timing_a_matmul(monkeypatch, bf16_units
         timed.append((width, dtype))
         return bf16_speed if dtype == torch.bfloat16 else 100.0
 
-    monkeypatch.setattr(train_grpo, "cpu_has_bf16", lambda: bf16_units)
-    monkeypatch.setattr(train_grpo, "matmul_gflops", gflops)
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: bf16_units)
+    monkeypatch.setattr(precision, "matmul_gflops", gflops)
     cfg = parse_args(["--preset", "none", "--device", "cpu", "--cpu_autocast", flag])
-    autocast, why = train_grpo.choose_cpu_autocast(cfg, "cpu", torch.float32, 576)
+    autocast, why = precision.choose_cpu_autocast(cfg, "cpu", torch.float32, 576)
     assert autocast == expected
     assert (len(timed) == 2 and "width 576" in why) == (flag == "auto" and bf16_units)
     assert why.startswith("bf16 autocast (" if expected is not None else "no autocast (")
-    assert train_grpo.choose_cpu_autocast(cfg, "cpu", torch.bfloat16, 576) == (None, "")  # bf16 weights already
+    assert precision.choose_cpu_autocast(cfg, "cpu", torch.bfloat16, 576) == (None, "")  # bf16 weights already
 
 
 def test_a_resumed_run_keeps_the_autocast_choice_it_started_with(tiny_model_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(train_grpo, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: True)
     speeds = {torch.float32: 100.0, torch.bfloat16: 300.0}
-    monkeypatch.setattr(train_grpo, "matmul_gflops", lambda width, dtype, **kw: speeds[dtype])
+    monkeypatch.setattr(precision, "matmul_gflops", lambda width, dtype, **kw: speeds[dtype])
     args = tiny_args(tiny_model_dir, tmp_path, "--num_iterations", "1", "--cpu_autocast", "auto")
     assert train_grpo.main(args) == 0
     assert json.loads((tmp_path / "grpo_metrics.json").read_text())["cpu_autocast"] is True
     speeds[torch.bfloat16] = 10.0  # the machine now measures differently
     assert train_grpo.main(args[:-2] + ["--num_iterations", "2", "--resume", "--cpu_autocast", "auto"]) == 0
     metrics = json.loads((tmp_path / "grpo_metrics.json").read_text())
-    assert metrics["cpu_autocast"] is True and "as when the run started" in metrics["runtime"]
+    assert metrics["cpu_autocast"] is True and "as when the run started" in metrics["runtime"]["device"]
 
 
 def test_matmul_timing_returns_a_throughput_for_both_dtypes():
-    assert train_grpo.matmul_gflops(64, torch.float32, rows=8) > 0
-    assert train_grpo.matmul_gflops(64, torch.bfloat16, rows=8) > 0
+    assert precision.matmul_gflops(64, torch.float32, rows=8) > 0
+    assert precision.matmul_gflops(64, torch.bfloat16, rows=8) > 0
 
 
 # --- CLI
@@ -658,18 +669,29 @@ def test_without_cuda_the_default_run_is_the_cpu_preset(monkeypatch):
 
 
 def test_unreachable_hub_fails_with_one_line_naming_alternatives(monkeypatch):
-    monkeypatch.setattr(train_grpo, "hub_reachable", lambda timeout=5.0: False)
+    monkeypatch.setattr(plumbing, "hub_reachable", lambda timeout=5.0: False)
     with pytest.raises(UsageError, match="cannot reach the Hugging Face hub.*--model smollm2"):
-        train_grpo.load_model_and_tokenizer("nobody-here/no-such-model-xyz", torch.float32)
+        plumbing.load_model_and_tokenizer("nobody-here/no-such-model-xyz", torch.float32)
 
 
 def test_missing_model_paths_fail_clearly(tmp_path):
     with pytest.raises(UsageError, match="no GGUF file"):
-        train_grpo.resolve_model(str(tmp_path / "x.gguf"))
+        plumbing.resolve_model(str(tmp_path / "x.gguf"))
     with pytest.raises(UsageError, match="holds no model"):
-        train_grpo.resolve_model(str(tmp_path))
+        plumbing.resolve_model(str(tmp_path))
     with pytest.raises(UsageError, match="no model at"):
-        train_grpo.resolve_model("./not/here/at/all")
+        plumbing.resolve_model("./not/here/at/all")
+
+
+def test_an_output_dir_that_is_a_file_fails_with_one_line(tiny_model_dir, tmp_path):
+    taken = tmp_path / "results.txt"
+    taken.write_text("not a folder")
+    out = subprocess.run([sys.executable, "train_grpo.py", *tiny_args(tiny_model_dir, taken)], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1] == (f"train_grpo.py: error: --output_dir {taken} is a file, "
+                                                   f"not a folder; pass a folder (new or existing)")
+    assert taken.read_text() == "not a folder"
 
 
 def test_resume_without_a_checkpoint_fails_clearly(tiny_model_dir, tmp_path, capsys):

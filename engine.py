@@ -1,0 +1,232 @@
+"""The rollout engine: token ids in, completions out, drawn exactly as the loss scores them.
+
+What it buys: each prompt is prefilled once and its KV cache repeated for its G
+completions, tokens are drawn from softmax(logits / T) with no logit processors, and the
+loop stops at the step where the last row has ended. The scoring passes reuse the idea:
+a group's prompt runs once and its keys and values serve all G completions. What it
+costs: an eager decode loop of our own beside transformers' generate, which stays
+available (--sampler static | generate) for comparison and for CUDA graphs.
+
+It knows nothing of rewards or the loss; train_grpo.py and inference.py call it.
+"""
+
+from typing import NamedTuple
+
+import torch
+
+
+class Rollouts(NamedTuple):
+    input_ids: torch.Tensor        # (N, P + L) prompt (left-padded) + completion tokens
+    attention_mask: torch.Tensor   # (N, P + L) 0 on left padding, 1 elsewhere (as in generate)
+    completion_mask: torch.Tensor  # (N, L) True up to and including the first end token
+    prompt_len: int                # P
+    texts: list                    # N decoded completions, special tokens removed
+    truncated: torch.Tensor        # (N,) True if no end token within max_new_tokens
+
+    def rows(self, sl: slice) -> "Rollouts":
+        return Rollouts(self.input_ids[sl], self.attention_mask[sl], self.completion_mask[sl], self.prompt_len,
+                        self.texts[sl], self.truncated[sl])
+
+
+def end_token_ids(tokenizer, model) -> list[int]:
+    """Every token that ends a completion: the tokenizer's EOS, the model's configured EOS
+    ids (Qwen lists two), and the chat end-of-turn marker when the vocabulary has one."""
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    ids.update(configured if isinstance(configured, (list, tuple)) else [configured])
+    for marker in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>"):
+        tid = tokenizer.convert_tokens_to_ids(marker)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid < len(tokenizer):
+            ids.add(tid)
+    return sorted(i for i in ids if i is not None)
+
+
+def completion_mask_from_ends(completion_ids: torch.Tensor, end_ids) -> tuple:
+    """(N, L) mask of real completion tokens, built from positions, not from the pad id:
+    pad often equals EOS, and a mask of `ids != pad` would drop the EOS we want to learn.
+    Returns (mask, truncated)."""
+    L = completion_ids.shape[1]
+    is_end = torch.isin(completion_ids, torch.tensor(end_ids, device=completion_ids.device))
+    positions = torch.arange(L, device=completion_ids.device)           # (L,)
+    first_end = torch.where(is_end, positions, L).min(dim=1).values      # (N,) L when none
+    mask = positions[None, :] <= first_end[:, None]                      # (N, L)
+    return mask, first_end == L
+
+
+def encode_prompts(tokenizer, prompts, device, multiple: int = 1):
+    """Left-padded ids and mask: generation continues from the right edge. Chat prompts
+    already hold their special tokens; adding more (a BOS) would change them. Only ids and
+    mask go on: some tokenizers add token_type_ids, which decoders reject."""
+    tokenizer.padding_side = "left"
+    enc = tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False,
+                    pad_to_multiple_of=multiple if multiple > 1 else None)
+    return enc["input_ids"].to(device), enc["attention_mask"].to(device)
+
+
+def positions_of(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids under left padding: count real tokens only, as generate does."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def choose_sampler(name: str, device) -> str:
+    """auto: a static, compiled KV cache on CUDA, where one decode step is a few ms of
+    kernel launches that CUDA graphs remove; our shared-prefix loop on CPU, where compiling
+    costs more than it buys."""
+    if name != "auto":
+        return name
+    return "static" if str(device).startswith("cuda") else "groups"
+
+
+def next_tokens(logits: torch.Tensor, temperature: float, greedy: bool) -> torch.Tensor:
+    """Exactly the distribution the loss scores: softmax(logits / T) in float32, or argmax.
+
+    One uniform per row, looked up in the cumulative distribution (torch.multinomial draws
+    an exponential per vocabulary entry instead). The sum and the uniform are float64: in
+    float32 each token's slice of [0, 1) would be rounded to a multiple of 6e-8 (floats in
+    [0.5, 1) are that far apart), so a token of p = 2e-8 would be drawn with probability 0
+    or 6e-8."""
+    if greedy:
+        return logits.argmax(-1)
+    cdf = torch.softmax(logits.float() / temperature, dim=-1).double().cumsum_(-1)
+    u = torch.rand(len(cdf), 1, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]  # scaled by the total: rounding
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)  # right: never a p = 0 token
+
+
+@torch.no_grad()
+def sample_groups(model, prompt_ids, prompt_mask, num_generations: int, max_new_tokens: int,
+                  temperature: float, end_ids, pad_id: int, greedy: bool = False) -> torch.Tensor:
+    """(B * G, <= max_new_tokens) completion ids, rows grouped by prompt: each prompt
+    prefilled once, its KV cache repeated for its G completions, then one token per row per
+    step until every row has ended. Eager, so on a GPU each decode step pays its kernel
+    launches."""
+    G = num_generations
+    head = model.get_output_embeddings()
+    position_ids = positions_of(prompt_mask)
+    out = model.base_model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids,
+                           use_cache=True)
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(G)                                          # (B, ...) -> (B * G, ...)
+    logits = head(out.last_hidden_state[:, -1]).repeat_interleave(G, dim=0)   # (N, V)
+    mask = prompt_mask.repeat_interleave(G, dim=0)
+    position = position_ids[:, -1].repeat_interleave(G, dim=0)
+    ends = torch.tensor(list(end_ids), device=prompt_ids.device)
+    done = torch.zeros(len(logits), dtype=torch.bool, device=prompt_ids.device)
+    tokens = []
+    for _ in range(max_new_tokens):
+        token = next_tokens(logits, temperature, greedy).masked_fill(done, pad_id)  # ended rows pad, as generate does
+        tokens.append(token)
+        done |= torch.isin(token, ends)
+        if len(tokens) == max_new_tokens or bool(done.all()):
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        position = position + 1
+        hidden = model.base_model(input_ids=token[:, None], attention_mask=mask, position_ids=position[:, None],
+                                  past_key_values=cache, use_cache=True).last_hidden_state
+        logits = head(hidden[:, -1])
+    return torch.stack(tokens, dim=1) if tokens else prompt_ids.new_zeros(len(logits), 0)
+
+
+def sampling_config(temperature: float, max_new_tokens: int, end_ids, pad_id, greedy: bool):
+    """For model.generate: plain softmax(logits / T) sampling, or argmax, with every logit
+    processor that a model's own config could switch on set to off. Greedy leaves the
+    sampling knobs unset: transformers warns about each one given to a greedy search."""
+    from transformers import GenerationConfig
+
+    common = dict(repetition_penalty=1.0, no_repeat_ngram_size=0, max_new_tokens=max_new_tokens,
+                  eos_token_id=list(end_ids), pad_token_id=pad_id, use_cache=True)
+    if greedy:
+        return GenerationConfig(do_sample=False, **common)
+    return GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, typical_p=1.0, **common)
+
+
+STATIC_BUCKET = 32  # static-cache prompts padded to a multiple of this: a run compiles for a few lengths
+
+
+@torch.no_grad()
+def generate_rollouts(model, tokenizer, prompts, num_generations: int, max_new_tokens: int,
+                      temperature: float, end_ids, greedy: bool = False, sampler: str = "auto") -> Rollouts:
+    """G completions of each prompt, rows grouped by prompt, with one of three samplers:
+    groups (sample_groups), static (model.generate on a static KV cache, which transformers
+    compiles into CUDA graphs on a GPU) or generate (model.generate with a dynamic cache on
+    G copies of each prompt: the plain reference). Runs under the caller's autocast."""
+    device = next(model.parameters()).device
+    sampler = choose_sampler(sampler, device)
+    G = num_generations
+    was_training = model.training
+    model.eval()  # checkpointing acts only in training mode, so the KV cache works here
+    if sampler == "groups":
+        ids, mask = encode_prompts(tokenizer, prompts, device)
+        completion_ids = sample_groups(model, ids, mask, G, max_new_tokens, temperature, end_ids,
+                                       tokenizer.pad_token_id, greedy)
+        ids, mask = ids.repeat_interleave(G, dim=0), mask.repeat_interleave(G, dim=0)
+    else:
+        batch = [p for p in prompts for _ in range(G)]
+        ids, mask = encode_prompts(tokenizer, batch, device, STATIC_BUCKET if sampler == "static" else 1)
+        config = sampling_config(temperature, max_new_tokens, end_ids, tokenizer.pad_token_id, greedy)
+        if sampler == "static":
+            config.cache_implementation = "static"
+        completion_ids = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)[:, ids.shape[1]:]
+    model.train(was_training)
+    completion_mask, truncated = completion_mask_from_ends(completion_ids, end_ids)
+    L = int(completion_mask.sum(1).max()) if completion_mask.numel() else 0  # drop columns of padding only
+    completion_ids, completion_mask = completion_ids[:, :L], completion_mask[:, :L]
+    texts = [tokenizer.decode(row[m], skip_special_tokens=True) for row, m in zip(completion_ids, completion_mask)]
+    return Rollouts(torch.cat([ids, completion_ids], dim=1), torch.cat([mask, torch.ones_like(completion_ids)], dim=1),
+                    completion_mask, ids.shape[1], texts, truncated)
+
+
+# -----------------------------------------------------------------------------
+# The scoring passes' decoder, with the prompt run once per group.
+
+def enable_checkpointing(model) -> None:
+    """Gradient checkpointing, once per run. transformers 5 renamed it "activation
+    checkpointing"; use_reentrant=False is the variant that works with frozen inputs."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def is_checkpointing(model) -> bool:
+    if hasattr(model, "is_activation_checkpointing"):  # transformers 5's name
+        return bool(model.is_activation_checkpointing)
+    return bool(getattr(model, "is_gradient_checkpointing", False))
+
+
+def prompt_group_size(model, rows_per_pass: int, num_generations: int) -> int:
+    """G when a scoring pass of `rows_per_pass` sequences can run each prompt once for its
+    group, else 1. Not under gradient checkpointing in training mode, where transformers
+    drops any KV cache handed to a layer. Decided once per batch for every pass: while
+    policy and reference are equal their log-probs must agree exactly, or a 1e-7 difference
+    is a KL gradient that Adam scales into a full-size step."""
+    if rows_per_pass % num_generations or (model.training and is_checkpointing(model)):
+        return 1
+    return num_generations
+
+
+def completion_hidden_states(model, rollouts: Rollouts, group_size: int = 1):
+    """(N, L, H): the decoder's hidden state at each position that predicts a completion token.
+
+    With group_size G > 1, rows come in groups of G completions of one prompt: the prompt
+    runs once per group and its keys and values are repeated for the group's completions.
+    Gradients through the repeated keys and values add up over the group, exactly as the G
+    copies' would."""
+    input_ids, attention_mask, P = rollouts.input_ids, rollouts.attention_mask, rollouts.prompt_len
+    position_ids = positions_of(attention_mask)  # left padding shifts every prompt
+    G, total = group_size, input_ids.shape[1]
+    if G == 1:
+        hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                  position_ids=position_ids, use_cache=False).last_hidden_state
+        return hidden[:, P - 1:-1]
+    prompt = model.base_model(input_ids=input_ids[::G, :P], attention_mask=attention_mask[::G, :P],
+                              position_ids=position_ids[::G, :P], use_cache=True)  # (B, P, H), one per group
+    last = prompt.last_hidden_state[:, -1:].repeat_interleave(G, dim=0)      # (N, 1, H) predicts token P
+    if total - P == 1:
+        return last
+    cache = prompt.past_key_values
+    cache.batch_repeat_interleave(G)                                          # (B, ...) -> (N, ...)
+    rest = model.base_model(input_ids=input_ids[:, P:-1], attention_mask=attention_mask[:, :-1],
+                            position_ids=position_ids[:, P:-1], past_key_values=cache,
+                            use_cache=True).last_hidden_state                 # (N, L - 1, H)
+    return torch.cat([last, rest], dim=1)

@@ -1,0 +1,225 @@
+"""Device, numerics and the optimizer: which dtype a run computes in, and updates that survive it.
+
+What it buys: a bf16 model trains through float32 master weights with stochastic
+rounding, so steps far below bf16 precision still add up; CPU bf16 autocast is chosen by
+timing, since capability flags do not predict speed. What it costs: 4 bytes per
+parameter for the masters and one rounding pass per step (--master_weights false turns
+them off), and a fraction of a second at start for the timing.
+"""
+
+import contextlib
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+import plumbing
+
+# -----------------------------------------------------------------------------
+# Device and dtype, chosen once and said once.
+
+def cpu_has_bf16() -> bool:
+    """True where the CPU multiplies bf16 natively (AVX512-BF16 or AMX). Asked of oneDNN,
+    which reads CPUID itself, because /proc/cpuinfo in a VM may hide the flags. Without
+    those units bf16 matmuls are emulated, orders of magnitude slower than float32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        try:
+            flags = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def weights_note(cfg, dtype: torch.dtype) -> str:
+    if dtype == torch.float32:
+        return "float32 weights"
+    if cfg.master_weights:
+        return f"{dtype_name(dtype)} weights, float32 master copy in the optimizer"
+    return f"{dtype_name(dtype)} weights, no master copy (--master_weights false: steps below bf16 precision are lost)"
+
+
+def choose_runtime(cfg):
+    """-> (device, weight dtype, one-line reason). Raises UsageError. CPU autocast is
+    decided once the model's width is known (choose_cpu_autocast)."""
+    cuda = torch.cuda.is_available()
+    if cfg.device == "cuda" and not cuda:
+        raise plumbing.UsageError("--device cuda but this PyTorch sees no CUDA device; use --device cpu or --preset cpu")
+    device = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and cuda) else "cpu"
+    if device == "cuda":
+        name, cap = torch.cuda.get_device_name(), torch.cuda.get_device_capability()
+        if cfg.dtype in ("auto", "bfloat16") and not torch.cuda.is_bf16_supported():
+            raise plumbing.UsageError(f"{name} has no bfloat16 support; pass --dtype float32")
+        dtype = torch.float32 if cfg.dtype == "float32" else torch.bfloat16
+        return device, dtype, f"cuda ({name}, SM {cap[0]}.{cap[1]}), {weights_note(cfg, dtype)}"
+    dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+    return device, dtype, f"cpu ({weights_note(cfg, dtype)})"
+
+
+def matmul_gflops(width: int, dtype: torch.dtype, rows: int = 256, reps: int = 5) -> float:
+    """Throughput of (rows, width) @ (width, 4 * width), the shape of an MLP up-projection,
+    from the fastest of `reps` calls: a VM's noise only ever makes a call slower."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(rows, width, generator=gen).to(dtype)
+    b = torch.randn(width, 4 * width, generator=gen).to(dtype)
+    a @ b  # warm-up: first calls pick kernels
+    fastest = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        a @ b
+        fastest = min(fastest, time.perf_counter() - start)
+    return 2 * rows * width * 4 * width / fastest / 1e9
+
+
+def choose_cpu_autocast(cfg, device, dtype, width: int, resumed=None) -> tuple:
+    """-> (torch.bfloat16 or None, what was chosen and why: "" where autocast does not apply).
+
+    On CPU, bf16 autocast over float32 weights is faster on some machines with bf16 units
+    and slower on others with the same flags, so `auto` times a float32 and a bf16 matmul
+    of the model's width. Only where oneDNN reports bf16 units: emulated bf16 is never
+    faster, and even timing it takes seconds. A resumed run (`resumed`: the choice it
+    started with) keeps its numerics."""
+    if device != "cpu" or dtype != torch.float32:
+        return None, ""
+    if cfg.cpu_autocast != "auto":
+        on, why = cfg.cpu_autocast == "on", f"--cpu_autocast {cfg.cpu_autocast}"
+    elif resumed is not None:
+        on, why = resumed, "as when the run started; --cpu_autocast auto"
+    elif not cpu_has_bf16():
+        on, why = False, "CPU lacks bf16 units; --cpu_autocast auto"
+    else:
+        f32, bf16 = matmul_gflops(width, torch.float32), matmul_gflops(width, torch.bfloat16)
+        on = bf16 > f32
+        why = f"matmul at width {width}: bf16 {bf16:.0f} vs float32 {f32:.0f} GFLOP/s; --cpu_autocast auto"
+    return (torch.bfloat16 if on else None), f"{'bf16 autocast' if on else 'no autocast'} ({why})"
+
+
+def autocast(device, autocast_dtype):
+    """torch.autocast to `autocast_dtype`, or nothing when it is None."""
+    if autocast_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=str(device).split(":")[0], dtype=autocast_dtype)
+
+
+# -----------------------------------------------------------------------------
+# The optimizer, over float32 masters when the model is bf16.
+
+def make_optimizer(cfg, model):
+    """AdamW over the model's trainable weights; for a bf16 model (and --master_weights
+    true) it steps float32 master copies instead, see MasterWeights."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.master_weights and any(p.dtype != torch.float32 for p in params):
+        return MasterWeights(params, lambda masters: make_adamw(cfg, masters), seed=cfg.seed)
+    return make_adamw(cfg, params)
+
+
+def make_adamw(cfg, params):
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
+    # On CPUs with AVX512-BF16 bitsandbytes warns at import that a 4-bit kernel package is
+    # missing; we use no 4-bit kernels, so that line would only be noise.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise plumbing.UsageError("--optimizer adamw8bit needs bitsandbytes: pip install 'bitsandbytes>=0.50' "
+                                  "(or pass --optimizer adamw)") from None
+    # 8-bit moments: 2 bytes/param of optimizer state instead of 8.
+    return bnb.optim.AdamW8bit(params, lr=cfg.learning_rate, weight_decay=0.0)
+
+
+class MasterWeights:
+    """An optimizer over float32 copies of a bf16 model's weights.
+
+    bf16 keeps 8 significant bits, so half an ulp of a typical weight (|w| ~ 0.02) is 6e-5,
+    while an Adam step moves each weight by about the learning rate (2e-6 in the seed
+    config): written straight into bf16, almost every step rounds away. Here AdamW updates
+    float32 masters, where small steps add up, and the model stays bf16 for generation,
+    forward and backward.
+
+    The model gets the masters *stochastically* rounded, up or down at random in
+    proportion to the distance, so its weights equal the masters on average; rounding to
+    nearest would leave a weight where it started until its master has moved half an ulp.
+    The noise is seeded by (seed, number of steps), so a resumed run rounds exactly as the
+    uninterrupted one did.
+
+    The inner optimizer steps one tensor at a time, so one float32 gradient exists at once
+    instead of all of them; AdamW is elementwise, so this is the same update as one step.
+    """
+
+    def __init__(self, params, make_inner, seed: int = 0):
+        self.params = list(params)  # the model's bf16 weights; backward writes their .grad
+        self.masters = [torch.nn.Parameter(p.detach().to(torch.float32, copy=True)) for p in self.params]
+        self.inner = make_inner(self.masters)
+        self.param_groups = self.inner.param_groups
+        self.seed, self.steps = seed, 0
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.steps += 1
+        for p, master in zip(self.params, self.masters):
+            if p.grad is not None:
+                master.grad = p.grad.to(torch.float32)
+                self.inner.step()  # only this master has a gradient, so only it moves
+                master.grad = None
+        self.round_into_model()
+
+    @torch.no_grad()
+    def round_into_model(self) -> None:
+        """The model's weights from the masters, with the same noise as the last step."""
+        noise = torch.Generator(device=self.masters[0].device).manual_seed(plumbing.seed_for(self.seed, self.steps))
+        for p, master in zip(self.params, self.masters):
+            copy_rounded_stochastically(p, master, noise)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def state_dict(self) -> dict:
+        return {"inner": self.inner.state_dict(), "seed": self.seed, "steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.inner.load_state_dict(state["inner"])
+        self.seed, self.steps = state["seed"], state["steps"]
+        self.round_into_model()
+
+
+def copy_rounded_stochastically(dst: torch.Tensor, src: torch.Tensor, generator, chunk: int = 1 << 24) -> None:
+    """dst (bf16) <- src (float32) rounded up or down at random so that E[dst] = src.
+
+    A bf16 number is the top 16 bits of a float32. Adding uniform noise in [0, 2^16) to
+    the low 16 bits, then cutting them off, carries into the kept bits with probability
+    equal to the dropped fraction (sign-magnitude, so it works for negatives too). In
+    chunks, so the int32 noise for a large embedding never exists at once.
+    """
+    flat_dst, flat_src = dst.view(-1), src.detach().view(-1)
+    for i in range(0, flat_src.numel(), chunk):
+        bits = flat_src[i:i + chunk].view(torch.int32)
+        noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=bits.device, generator=generator)
+        flat_dst[i:i + chunk].copy_(((bits + noise) & -65536).view(torch.float32))
+
+
+@contextlib.contextmanager
+def masters_in_model(optimizer):
+    """While open, the model's trainable weights are the float32 masters themselves, so
+    save_pretrained writes what was learned (a bf16 copy would drop every update still
+    below half an ulp) and load_state_dict restores it exactly. On exit the model gets
+    its bf16 weights back, rounded from the masters. A no-op without MasterWeights."""
+    if not isinstance(optimizer, MasterWeights):
+        yield
+        return
+    bf16 = [p.data for p in optimizer.params]
+    for p, master in zip(optimizer.params, optimizer.masters):
+        p.data = master.data  # tied weights are one Parameter, so they follow together
+    try:
+        yield
+    finally:
+        for p, data in zip(optimizer.params, bf16):
+            p.data = data
+        optimizer.round_into_model()
