@@ -1,5 +1,6 @@
-"""The README cannot rot: its commands are run here (in a smoke form) and its
-configuration table is the output of --help.
+"""The README and docs/ cannot rot: their commands are run here (in a smoke form), the
+README's configuration block is the output of --help, and docs/metrics.md names every key
+a run writes.
 
     python -m pytest tests/test_readme.py -v
 """
@@ -16,6 +17,7 @@ import train_grpo
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
+DOCS = {path.name: path.read_text() for path in sorted((ROOT / "docs").glob("*.md"))}
 
 # Every command the README shows must start with one of these; each is exercised below
 # or by .ci/run (make test), so a new command in the README needs a test first.
@@ -27,20 +29,49 @@ TESTED = {
     "python inference.py": "test_readme_inference_commands_run",
     "python plot_metrics.py": "test_readme_plot_commands_run",
     "torchrun": "test_readme_torchrun_commands_run_in_smoke_form",
+    "python bench.py": "test_docs_bench_and_train_commands_parse",
 }
 
 
-def readme_commands():
-    blocks = re.findall(r"```bash\n(.*?)```", README, re.DOTALL)
+def readme_commands(texts=None):
+    """The commands of every bash block: the README's and docs/'s, in order, once each."""
+    texts = [README, *DOCS.values()] if texts is None else texts
+    blocks = [b for text in texts for b in re.findall(r"```bash\n(.*?)```", text, re.DOTALL)]
     lines = [line.split("  #")[0].strip() for block in blocks for line in block.splitlines()]
-    return [line for line in lines if line and not line.startswith("#")]
+    return list(dict.fromkeys(line for line in lines if line and not line.startswith("#")))
 
 
-def test_every_readme_command_is_a_tested_one():
-    commands = readme_commands()
-    assert commands
+def test_every_readme_and_docs_command_is_a_tested_one():
+    assert readme_commands([README]) and set(DOCS) >= {"results.md", "benchmarks.md", "precision.md",
+                                                       "multi-gpu.md", "metrics.md"}
+    for command in readme_commands():
+        assert any(command.startswith(prefix) for prefix in TESTED), f"untested command in README or docs/: {command}"
+
+
+def test_docs_bench_and_train_commands_parse():
+    """bench.py and train_grpo.py lines in the docs name real subcommands and flags: each is
+    parsed exactly as the scripts parse it (running them is bench.py's job, not a test's)."""
+    import bench
+
+    commands = [c for c in readme_commands() if c.startswith(("python bench.py", "python train_grpo.py"))]
+    assert any(c.startswith("python bench.py") for c in commands)
     for command in commands:
-        assert any(command.startswith(prefix) for prefix in TESTED), f"untested README command: {command}"
+        argv = shlex.split(command)[2:]
+        train_args = argv[argv.index("--") + 1:] if "--" in argv else argv
+        if command.startswith("python bench.py"):
+            bench_args = argv[:argv.index("--")] if "--" in argv else argv
+            bench.parser().parse_args(bench_args)  # exits (fails the test) on an unknown flag
+            train_args = train_args if "--" in argv else []
+        train_grpo.parse_args(train_args + ["--preset", "none"] * ("--preset" not in train_args))
+
+
+def test_metrics_glossary_names_every_key_a_run_writes(tiny_run_dir):
+    glossary = DOCS["metrics.md"]
+    metrics = json.loads((tiny_run_dir / "grpo_metrics.json").read_text())
+    keys = {*metrics, *metrics["runtime"], *metrics["steps"][0], *metrics["eval"][0]}
+    keys |= set(json.loads((tiny_run_dir / "grpo_samples.jsonl").read_text().splitlines()[0]))
+    missing = sorted(k for k in keys if f"`{k}`" not in glossary)
+    assert not missing, f"docs/metrics.md does not explain: {missing}"
 
 
 def test_readme_configuration_block_is_the_help_output():
@@ -122,7 +153,7 @@ def test_readme_torchrun_commands_run_in_smoke_form(tiny_model_dir, tmp_path):
     flags parse, the processes meet, train one step and write one set of outputs."""
     import socket
     commands = [c for c in readme_commands() if c.startswith("torchrun")]
-    assert any("--rdzv_endpoint" in c for c in commands) and len(commands) == 2
+    assert any("--rdzv_endpoint" in c for c in commands) and len(commands) == 2  # one node, many nodes
     smoke = ("--model {} --device cpu --num_iterations 1 --batch_size 1 --num_generations 2 --max_new_tokens 4 "
              "--eval_size 2 --save_every 0").format(tiny_model_dir)
     for n, command in enumerate(commands):
