@@ -14,9 +14,8 @@ How this departs from a textbook policy gradient, and from DeepSeekMath's GRPO:
   3) --loss_type chooses how token losses are averaged (see `grpo_loss`).
   4) A group whose rewards are all equal gets advantage exactly 0 (see `group_advantages`).
 
-The machinery lives next door: engine.py samples the completions, precision.py holds
-the numerics (bf16 with float32 master weights, autocast) and the optimizer, plumbing.py
-the model files, torchrun processes, checkpoints and run files.
+Machinery lives next door: engine.py (sampling), precision.py (dtype, master weights,
+optimizer), plumbing.py (models on disk, torchrun, checkpoints, run files).
 
     python train_grpo.py                        # seed config: Qwen2.5-1.5B-Instruct on CUDA
     python train_grpo.py --preset cpu           # the bundled SmolLM2-135M on a laptop CPU
@@ -270,9 +269,8 @@ def same_integer(a: str, b: str) -> bool:
 
 
 def extract_answer(completion: str, no_template: bool = False):
-    """The part of a completion that is graded: the last <answer> block, or for
-    base-model prompts ("Q: what is 5 + 3? A:"), which have no tags, the first integer
-    written (as in the first seed). None if there is none."""
+    """What is graded: the last <answer> block, or for base-model prompts ("Q: what is
+    5 + 3? A:"), which have no tags, the first integer written. None if there is none."""
     if no_template:
         m = _INTEGER.search(completion)
         return m.group() if m else None
@@ -333,10 +331,9 @@ def prompts_for(tokenizer, problems) -> list[str]:
 # The policy and its frozen reference
 
 def disable_dropout(model) -> None:
-    """Dropout off for good. GRPO compares log-probs of the same weights (policy at
-    sampling vs at update, policy vs reference): dropout noise would make KL > 0 at step 0
-    and the ratio != 1 on the first update. Covers nn.Dropout modules (GPT-2: 0.1) and the
-    float rates attention layers read from their config (Llama, Qwen: attention_dropout)."""
+    """Dropout off for good: GRPO compares log-probs of the same weights (sampling vs
+    update, policy vs reference), and dropout noise would make KL > 0 at step 0. Covers
+    nn.Dropout modules and the float rates attention layers read (attention_dropout)."""
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
@@ -347,13 +344,9 @@ def disable_dropout(model) -> None:
 
 def load_policy_and_reference(cfg: GRPOConfig, device, dtype, preloaded=None) -> tuple:
     """-> (policy, frozen reference or None when beta == 0, tokenizer), ready to train.
-    `preloaded`: a (model, tokenizer) already in memory to train instead of loading
-    --model (bench.py's random models of a real shape).
-
-    Gradient checkpointing is switched on once, here: it only acts in training mode, and
-    generation runs in eval mode, so nothing needs toggling per step. `use_cache` is passed
-    per call instead of being flipped in the config, so saved_model/ keeps the model's own.
-    """
+    `preloaded`: a (model, tokenizer) in memory to use instead of --model (bench.py's).
+    Gradient checkpointing is switched on once: it acts only in training mode, and
+    generation runs in eval mode, so nothing is toggled per step."""
     if preloaded is None:
         policy, tokenizer = plumbing.load_model_and_tokenizer(cfg.model, dtype)
     else:
@@ -404,13 +397,9 @@ def _chunk_logprobs(head, hidden, targets, temperature):
 
 def completion_logprobs(model, rollouts: engine.Rollouts, temperature: float, autocast=None, group_size: int = 1):
     """(N, L) log-prob of each completion token under `model` at the sampling temperature,
-    and (N, L) entropies. Differentiable when grad is enabled.
-
-    The decoder runs once (with each prompt once per group of `group_size`, see
-    engine.completion_hidden_states); the output head runs in row chunks, each under
-    activation checkpointing, so backward recomputes a chunk's logits instead of keeping
-    all N * L * V of them.
-    """
+    and (N, L) entropies; differentiable when grad is enabled. The output head runs in row
+    chunks under activation checkpointing, so backward recomputes a chunk's logits instead
+    of keeping all N * L * V of them."""
     input_ids, P = rollouts.input_ids, rollouts.prompt_len
     with precision.autocast(input_ids.device, autocast):
         hidden = engine.completion_hidden_states(model, rollouts, group_size)  # (N, L, H) predicts tokens P..
@@ -521,8 +510,7 @@ def evaluate(run: Run, problems) -> dict:
     cfg, dist = run.cfg, run.dist
     mine = problems[dist.rank::dist.world]
     size = max(1, min(cfg.eval_batch_size, len(mine)))  # a rank may hold no problems at all
-    # A static cache compiles for each batch shape: a smaller last chunk would compile once
-    # more for a few answers, so it is topped up with copies and trimmed.
+    # A static cache compiles per batch shape, so a short last chunk is topped up with copies.
     static = engine.choose_sampler(cfg.sampler, run.policy.device) == "static"
     texts = []
     for i in range(0, len(mine), size):
@@ -549,9 +537,8 @@ def evaluate(run: Run, problems) -> dict:
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> list:
-    """95% interval for an accuracy of successes / n (Wilson score): unlike the normal
-    approximation it stays inside [0, 1] and is honest at 0/n, which is where a base
-    model starts. Two runs closer than their intervals are wide are not different."""
+    """95% Wilson interval for successes / n: unlike the normal approximation it stays
+    inside [0, 1] and is honest at 0/n, where a base model starts."""
     if n == 0:
         return [0.0, 1.0]
     p = successes / n
@@ -745,8 +732,7 @@ def policy_update(run: Run, rollouts: engine.Rollouts, advantages) -> dict:
     rows_per_pass = cfg.micro_batch_size or N
     parts = [slice(i, i + rows_per_pass) for i in range(0, N, rows_per_pass)]
     mask = rollouts.completion_mask
-    # The loss is normalised by the whole batch's counts, over all ranks, so that summed
-    # gradients equal one process's (every rank holds the same number of sequences).
+    # Normalised by the whole batch's counts over all ranks: summed gradients equal one process's.
     total_sequences = N * dist.world
     total_tokens = torch.tensor(plumbing.all_reduce_floats([float(mask.sum())], dist)[0], device=mask.device).clamp(min=1)
     group = engine.prompt_group_size(policy, rows_per_pass, cfg.num_generations)  # the same for every pass
@@ -758,8 +744,7 @@ def policy_update(run: Run, rollouts: engine.Rollouts, advantages) -> dict:
 
     clock = plumbing.PhaseClock(mask.device)
     ref_logp = logprobs_of(run.ref_model) if cfg.beta > 0 else None
-    # With one inner update the sampling policy is the current one: reuse its log-probs
-    # (detached, below) instead of paying for a second forward pass.
+    # With one inner update the sampling policy is the current one: its log-probs, detached, serve.
     old_logp = logprobs_of(policy) if cfg.num_inner_updates > 1 else None
     seconds = {"ref_seconds": clock.lap(), "train_seconds": 0.0, "optimizer_seconds": 0.0}
     params = [p for p in policy.parameters() if p.requires_grad]
