@@ -10,6 +10,8 @@ available (--sampler static | generate) for comparison and for CUDA graphs.
 It knows nothing of rewards or the loss; train_grpo.py and inference.py call it.
 """
 
+import functools
+import inspect
 from typing import NamedTuple
 
 import torch
@@ -68,6 +70,21 @@ def positions_of(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
+@functools.cache
+def _cache_name(decoder_class) -> str:
+    """transformers 5.2x renamed a forward pass's `past_key_values` (in and out) to `cache`;
+    the old name warns and goes in 5.40, and earlier versions know only it."""
+    return "cache" if "cache" in inspect.signature(decoder_class.forward).parameters else "past_key_values"
+
+
+def decode(model, cache=None, **inputs) -> tuple:
+    """The decoder (no output head) on `inputs` with a KV cache in and out:
+    -> (last hidden states, cache). `cache` None starts a new one."""
+    name = _cache_name(type(model.base_model))
+    out = model.base_model(**inputs, use_cache=True, **({name: cache} if cache is not None else {}))
+    return out.last_hidden_state, getattr(out, name)
+
+
 def choose_sampler(name: str, device) -> str:
     """auto: a static, compiled KV cache on CUDA, where one decode step is a few ms of
     kernel launches that CUDA graphs remove; our shared-prefix loop on CPU, where compiling
@@ -102,11 +119,9 @@ def sample_groups(model, prompt_ids, prompt_mask, num_generations: int, max_new_
     G = num_generations
     head = model.get_output_embeddings()
     position_ids = positions_of(prompt_mask)
-    out = model.base_model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids,
-                           use_cache=True)
-    cache = out.past_key_values
+    hidden, cache = decode(model, input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids)
     cache.batch_repeat_interleave(G)                                          # (B, ...) -> (B * G, ...)
-    logits = head(out.last_hidden_state[:, -1]).repeat_interleave(G, dim=0)   # (N, V)
+    logits = head(hidden[:, -1]).repeat_interleave(G, dim=0)                  # (N, V)
     mask = prompt_mask.repeat_interleave(G, dim=0)
     position = position_ids[:, -1].repeat_interleave(G, dim=0)
     ends = torch.tensor(list(end_ids), device=prompt_ids.device)
@@ -120,8 +135,8 @@ def sample_groups(model, prompt_ids, prompt_mask, num_generations: int, max_new_
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         position = position + 1
-        hidden = model.base_model(input_ids=token[:, None], attention_mask=mask, position_ids=position[:, None],
-                                  past_key_values=cache, use_cache=True).last_hidden_state
+        hidden, cache = decode(model, cache, input_ids=token[:, None], attention_mask=mask,
+                               position_ids=position[:, None])
         logits = head(hidden[:, -1])
     return torch.stack(tokens, dim=1) if tokens else prompt_ids.new_zeros(len(logits), 0)
 
@@ -219,14 +234,12 @@ def completion_hidden_states(model, rollouts: Rollouts, group_size: int = 1):
         hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
                                   position_ids=position_ids, use_cache=False).last_hidden_state
         return hidden[:, P - 1:-1]
-    prompt = model.base_model(input_ids=input_ids[::G, :P], attention_mask=attention_mask[::G, :P],
-                              position_ids=position_ids[::G, :P], use_cache=True)  # (B, P, H), one per group
-    last = prompt.last_hidden_state[:, -1:].repeat_interleave(G, dim=0)      # (N, 1, H) predicts token P
+    prompt, cache = decode(model, input_ids=input_ids[::G, :P], attention_mask=attention_mask[::G, :P],
+                           position_ids=position_ids[::G, :P])               # (B, P, H), one per group
+    last = prompt[:, -1:].repeat_interleave(G, dim=0)                         # (N, 1, H) predicts token P
     if total - P == 1:
         return last
-    cache = prompt.past_key_values
     cache.batch_repeat_interleave(G)                                          # (B, ...) -> (N, ...)
-    rest = model.base_model(input_ids=input_ids[:, P:-1], attention_mask=attention_mask[:, :-1],
-                            position_ids=position_ids[:, P:-1], past_key_values=cache,
-                            use_cache=True).last_hidden_state                 # (N, L - 1, H)
+    rest, _ = decode(model, cache, input_ids=input_ids[:, P:-1], attention_mask=attention_mask[:, :-1],
+                     position_ids=position_ids[:, P:-1])                      # (N, L - 1, H)
     return torch.cat([last, rest], dim=1)
