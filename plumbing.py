@@ -14,6 +14,7 @@ import io
 import json
 import math
 import os
+import pickle
 import platform
 import random
 import re
@@ -57,7 +58,7 @@ def provenance() -> dict:
     commit = git("rev-parse", "HEAD")
     if commit and git("status", "--porcelain", "--untracked-files=no"):
         commit += "-dirty"
-    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    versions = {"python": platform.python_version(), "torch": str(torch.__version__)}
     for name in ("transformers", "bitsandbytes"):
         try:
             versions[name] = metadata.version(name)
@@ -392,11 +393,16 @@ def latest_checkpoint(folder: Path):
 
 
 def save_checkpoint(folder: Path, step: int, policy, optimizer, metrics: dict, world: int = 1, keep: int = 2) -> Path:
+    """Weights as safetensors; trainer_state.pt holds only tensors and plain Python values
+    (step, processes, optimizer state, RNG states, metrics), so it loads with
+    weights_only=True and can never run code."""
     path = folder / f"step_{step:06d}"
     folder.mkdir(parents=True, exist_ok=True)
     with replaced_atomically(path) as tmp:
         policy.save_pretrained(tmp)
-        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        rng = {"python": random.getstate(), "numpy": (kind, keys.tolist(), pos, has_gauss, gauss),
+               "torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": rng, "metrics": metrics,
@@ -408,10 +414,16 @@ def save_checkpoint(folder: Path, step: int, policy, optimizer, metrics: dict, w
 
 def load_checkpoint(path: Path, policy, world: int = 1) -> dict:
     """Restore the policy's weights and the RNG states in place; return the trainer state
-    (step, optimizer, metrics) for the caller to restore the optimizer from."""
+    (step, optimizer, metrics) for the caller to restore the optimizer from. A state file
+    that holds anything but tensors and plain values is refused before any of it is used."""
     from safetensors.torch import load_file
 
-    state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UsageError(f"{path / 'trainer_state.pt'} holds more than tensors and plain values (a checkpoint "
+                         f"from before this format, or a file that could run code), so it was not loaded; "
+                         f"start a new run or resume from a checkpoint this version wrote") from None
     saved_world = state.get("world", 1)
     if saved_world != world:
         # batch_size is per process: another count would silently change the run's batch
@@ -427,7 +439,8 @@ def load_checkpoint(path: Path, policy, world: int = 1) -> dict:
         raise UsageError(f"checkpoint {path} does not match --model (missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]}); resume with the model the run started from")
     random.setstate(state["rng"]["python"])
-    np.random.set_state(state["rng"]["numpy"])
+    kind, keys, pos, has_gauss, gauss = state["rng"]["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["rng"]["torch"])
     if "cuda" in state["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])

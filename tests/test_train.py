@@ -506,6 +506,34 @@ def test_sigterm_finishes_the_step_checkpoints_exits_0_and_resume_completes(tiny
     assert (tmp_path / "saved_model").is_dir()
 
 
+class RunsCode:
+    """Unpickling this calls os.system: what a malicious trainer_state.pt could hold."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("state", ["runs code", "old format"])
+def test_a_checkpoint_holding_more_than_tensors_is_refused_before_it_is_used(tiny_model_dir, tmp_path, capsys, state):
+    import numpy as np
+    args = tiny_args(tiny_model_dir, tmp_path, "--num_iterations", "1", "--save_every", "1")
+    assert train_grpo.main(args) == 0
+    ckpt = tmp_path / "checkpoints" / "step_000001" / "trainer_state.pt"
+    marker = tmp_path / "code_ran"
+    # "old format": what checkpoints held before, a numpy array among the RNG states
+    bad = RunsCode(marker) if state == "runs code" else np.random.get_state()
+    torch.save({"step": 1, "world": 1, "rng": {"numpy": bad}, "optimizer": {}, "metrics": {}}, ckpt)
+    capsys.readouterr()  # the first run's progress bar
+    assert train_grpo.main(args[:-2] + ["--num_iterations", "2", "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds more than tensors and plain values" in err[0] and "not loaded" in err[0]
+    assert not marker.exists()
+
+
 def test_a_torn_last_sample_line_does_not_stop_a_resume(tiny_model_dir, tmp_path):
     args = tiny_args(tiny_model_dir, tmp_path, "--num_iterations", "2", "--save_every", "1")
     assert train_grpo.main(args) == 0
