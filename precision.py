@@ -16,6 +16,10 @@ import torch
 
 import plumbing
 
+# On CPUs with AVX512-BF16 bitsandbytes warns at import (ours, or peft's) that a 4-bit
+# kernel package is missing; we use no 4-bit kernels, so that line would only be noise.
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
 # -----------------------------------------------------------------------------
 # Device and dtype, chosen once and said once.
 
@@ -40,6 +44,8 @@ def dtype_name(dtype: torch.dtype) -> str:
 def weights_note(cfg, dtype: torch.dtype) -> str:
     if dtype == torch.float32:
         return "float32 weights"
+    if cfg.lora_rank:
+        return f"{dtype_name(dtype)} frozen weights, float32 LoRA adapters"
     if cfg.master_weights:
         return f"{dtype_name(dtype)} weights, float32 master copy in the optimizer"
     return f"{dtype_name(dtype)} weights, no master copy (--master_weights false: steps below bf16 precision are lost)"
@@ -122,9 +128,6 @@ def make_optimizer(cfg, model):
 def make_adamw(cfg, params):
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
-    # On CPUs with AVX512-BF16 bitsandbytes warns at import that a 4-bit kernel package is
-    # missing; we use no 4-bit kernels, so that line would only be noise.
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
         import bitsandbytes as bnb
     except ImportError:

@@ -24,6 +24,7 @@ optimizer), plumbing.py (models on disk, torchrun, checkpoints, run files).
     python train_grpo.py --help                 # every flag, with its default
 """
 
+import contextlib
 import copy
 import dataclasses
 import difflib
@@ -45,6 +46,7 @@ import data
 import engine
 import plumbing
 import precision
+import tracking
 
 # -----------------------------------------------------------------------------
 # Config: the single source of truth. Every field is a CLI flag of the same name.
@@ -55,6 +57,7 @@ class GRPOConfig:
     model: str = "Qwen/Qwen2.5-1.5B-Instruct"  # hub id, local dir, .gguf file, or "smollm2" (bundled)
     task: str = "countdown"               # countdown | arithmetic
     preset: str = ""                      # cpu | smollm2_countdown (one GPU) | none; "" = cpu without CUDA, else none
+    config: str = ""                      # JSON or YAML file of fields (a run's saved_model/grpo_config.json replays it); flags win
     # the GRPO step
     num_iterations: int = 1200            # training steps
     batch_size: int = 4                   # prompts per step per process (torchrun: x number of processes)
@@ -81,6 +84,9 @@ class GRPOConfig:
     output_dir: str = "."                 # where metrics, plots, samples, checkpoints/, saved_model/ go
     resume: bool = False                  # continue from the latest checkpoint in output_dir
     overwrite: bool = False               # allow replacing a previous run's outputs in output_dir
+    report_to: str = "none"               # none | tensorboard | wandb: also send every step and eval there (rank 0)
+    run_name: str = ""                    # tracking run name; "" = output_dir's name and the start time (a resume keeps it)
+    wandb_project: str = "grpo"           # W&B project (WANDB_MODE=offline works without a network)
     # hardware
     device: str = "auto"                  # auto | cuda | cpu
     dtype: str = "auto"                   # auto (bfloat16 on CUDA, float32 on CPU) | bfloat16 | float32
@@ -88,6 +94,9 @@ class GRPOConfig:
     cpu_autocast: str = "auto"            # auto | on | off: bf16 autocast on CPU (auto = if the CPU has bf16 units)
     optimizer: str = "adamw8bit"          # adamw8bit (bitsandbytes) | adamw (torch)
     gradient_checkpointing: bool = True   # recompute activations in backward: less memory, more compute
+    lora_rank: int = 0                    # LoRA adapters of this rank train instead of every weight (peft); 0 = full fine-tuning
+    lora_alpha: float = 32.0              # LoRA scale: adapters add (lora_alpha / lora_rank) * B A to each weight
+    lora_target_modules: str = "all-linear"  # comma-separated module names to adapt (q_proj,v_proj), or all-linear
     sampler: str = "auto"                 # auto | groups | static | generate: rollout sampler (auto = static on CUDA, groups on CPU)
     dist_timeout_minutes: int = 10        # torchrun: a rank that waits this long for the others fails instead of hanging
 
@@ -113,7 +122,7 @@ PRESETS = {
 CHOICES = {"task": data.TASKS, "preset": ("", *PRESETS), "loss_type": ("grpo", "dr_grpo", "dapo"),
            "device": ("auto", "cuda", "cpu"), "dtype": ("auto", "bfloat16", "float32"),
            "cpu_autocast": ("auto", "on", "off"), "optimizer": ("adamw8bit", "adamw"),
-           "sampler": ("auto", "groups", "static", "generate")}
+           "sampler": ("auto", "groups", "static", "generate"), "report_to": tracking.BACKENDS}
 FIELD_HELP = {}  # filled from the trailing comments above, so --help and the source agree
 
 
@@ -166,13 +175,15 @@ def parse_args(argv) -> GRPOConfig:
             else:
                 value = args.pop(0)
         given[name] = value
+    types = {name: field_type(f) for name, f in fields.items()}
+    from_file = plumbing.read_config_file(given["config"], types) if "config" in given else {}
+    given = {**from_file, **given}  # flags on the command line win over the file
     preset = given.get("preset", "")
     if preset == "" and not torch.cuda.is_available() and given.get("device") != "cuda":
         preset = "cpu"  # never start the seed's multi-day job on a CPU by accident
     values = dict(PRESETS.get(preset, {}))  # an unknown preset is reported by validate()
     for name, text in given.items():
-        kind = fields[name].type
-        kind = {"int": int, "float": float, "bool": bool, "str": str}.get(kind, kind)
+        kind = field_type(fields[name])
         try:
             values[name] = parse_bool(text) if kind is bool else kind(text)
         except ValueError:
@@ -183,6 +194,10 @@ def parse_args(argv) -> GRPOConfig:
     cfg = GRPOConfig(**values)
     validate(cfg)
     return cfg
+
+
+def field_type(f: dataclasses.Field) -> type:
+    return {"int": int, "float": float, "bool": bool, "str": str}.get(f.type, f.type)
 
 
 def validate(cfg: GRPOConfig) -> None:
@@ -198,7 +213,7 @@ def validate(cfg: GRPOConfig) -> None:
     for name in ("temperature", "learning_rate", "clip_grad_norm"):
         if not getattr(cfg, name) > 0 or not math.isfinite(getattr(cfg, name)):
             raise plumbing.UsageError(f"--{name} must be a positive number, got {getattr(cfg, name)}")
-    for name in ("beta", "kl_cap", "epsilon", "micro_batch_size", "save_every"):
+    for name in ("beta", "kl_cap", "epsilon", "micro_batch_size", "save_every", "lora_rank"):
         if not getattr(cfg, name) >= 0:
             raise plumbing.UsageError(f"--{name} must be zero or more, got {getattr(cfg, name)}")
     if cfg.num_generations < 2:
@@ -343,7 +358,7 @@ def disable_dropout(model) -> None:
 
 
 def load_policy_and_reference(cfg: GRPOConfig, device, dtype, preloaded=None) -> tuple:
-    """-> (policy, frozen reference or None when beta == 0, tokenizer), ready to train.
+    """-> (policy, frozen reference or None (beta == 0, or LoRA), tokenizer), ready to train.
     `preloaded`: a (model, tokenizer) in memory to use instead of --model (bench.py's).
     Gradient checkpointing is switched on once: it acts only in training mode, and
     generation runs in eval mode, so nothing is toggled per step."""
@@ -354,12 +369,32 @@ def load_policy_and_reference(cfg: GRPOConfig, device, dtype, preloaded=None) ->
     policy.to(device)
     disable_dropout(policy)
     ref_model = None
-    if cfg.beta > 0:  # frozen copy of the starting weights; never updated, never gets .grad
+    if cfg.lora_rank:  # the frozen base doubles as the reference: see reference_model
+        plumbing.add_lora_adapters(policy, cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_modules)
+    elif cfg.beta > 0:  # frozen copy of the starting weights; never updated, never gets .grad
         ref_model = copy.deepcopy(policy).eval().requires_grad_(False)
     if cfg.gradient_checkpointing:
         engine.enable_checkpointing(policy)
     policy.train()
     return policy, ref_model, tokenizer
+
+
+@contextlib.contextmanager
+def reference_model(run):
+    """The frozen reference to score against. With LoRA it is the policy itself with its
+    adapters switched off: the base weights never train, so they are the starting policy,
+    and no second copy of the model is needed."""
+    if not run.cfg.lora_rank:
+        yield run.ref_model
+        return
+    layers = plumbing.lora_layers(run.policy)
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield run.policy
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
 
 
 class Run(NamedTuple):
@@ -368,7 +403,7 @@ class Run(NamedTuple):
     policy: torch.nn.Module
     tokenizer: object
     end_ids: list                            # token ids that end a completion
-    ref_model: torch.nn.Module | None = None  # None when beta == 0
+    ref_model: torch.nn.Module | None = None  # None when beta == 0 or with LoRA
     optimizer: object = None
     autocast: torch.dtype | None = None      # bf16 autocast over float32 weights on CPU, or None
     dist: plumbing.Dist = plumbing.Dist()
@@ -518,7 +553,7 @@ def evaluate(run: Run, problems) -> dict:
         n = len(prompts)
         if static:
             prompts += prompts[-1:] * (size - n)
-        with precision.autocast(run.policy.device, run.autocast):
+        with plumbing.lora_merged(run.policy), precision.autocast(run.policy.device, run.autocast):
             texts += engine.generate_rollouts(run.policy, run.tokenizer, prompts, 1, cfg.max_new_tokens, 1.0,
                                               run.end_ids, greedy=True, sampler=cfg.sampler).texts[:n]
     parts = plumbing.gather_objects(texts, dist)
@@ -569,6 +604,8 @@ def start_run(cfg: GRPOConfig, preloaded=None) -> tuple:
     paths = plumbing.run_paths(cfg.output_dir)
     plumbing.check_outputs(cfg, paths, delete=dist.is_main)
     plumbing.barrier(dist)
+    if dist.is_main:
+        tracking.require(cfg.report_to)  # a missing package fails now, not after loading the model
     device, dtype, device_line = precision.choose_runtime(cfg)
     log(dist, "config: " + json.dumps(dataclasses.asdict(cfg)))
     random.seed(cfg.seed)
@@ -601,7 +638,9 @@ def start_run(cfg: GRPOConfig, preloaded=None) -> tuple:
                           **plumbing.provenance()}
     run = Run(cfg, policy, tokenizer, engine.end_token_ids(tokenizer, policy), ref_model, optimizer, autocast, dist)
     log(dist, f"device: {metrics['runtime']['device']}")
-    log(dist, f"model: {cfg.model} ({sum(p.numel() for p in policy.parameters()) / 1e6:.0f}M params, loaded in "
+    trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+    lora = f", {trainable / 1e6:.2f}M in LoRA rank-{cfg.lora_rank} adapters train" if cfg.lora_rank else ""
+    log(dist, f"model: {cfg.model} ({sum(p.numel() for p in policy.parameters()) / 1e6:.0f}M params{lora}, loaded in "
               f"{time.perf_counter() - t0:.0f}s), {'plain Q/A' if run.no_template else 'chat'} prompts, "
               f"end tokens {run.end_ids}")
     if ckpt is not None:
@@ -619,30 +658,35 @@ def train(cfg: GRPOConfig, preloaded=None) -> dict:
 
     run, metrics, start_step = start_run(cfg, preloaded)
     dist, paths, val = run.dist, plumbing.run_paths(cfg.output_dir), eval_problems(cfg)
+    tracker = tracking.Tracker(cfg, metrics, start_step, dist)
 
     def run_eval(step):
         t = time.perf_counter()
         rec = {"step": step, **evaluate(run, val)}
         rec["seconds"] = time.perf_counter() - t
         metrics["eval"].append(rec)
+        tracker.log_eval(rec)
         log(dist, eval_line(rec))
 
-    if start_step == 0:
-        run_eval(0)
-        if dist.is_main:
-            plumbing.write_json(paths.metrics, metrics)
-    with plumbing.StopFlag() as stop, tqdm(total=cfg.num_iterations, initial=start_step, desc="GRPO",
-                                           dynamic_ncols=True, file=sys.stderr, disable=not dist.is_main) as bar:
+    with tracker, plumbing.StopFlag() as stop, tqdm(total=cfg.num_iterations, initial=start_step, desc="GRPO",
+                                                    dynamic_ncols=True, file=sys.stderr,
+                                                    disable=not dist.is_main) as bar:
+        if start_step == 0:
+            run_eval(0)
+            if dist.is_main:
+                plumbing.write_json(paths.metrics, metrics)
         for step in range(start_step + 1, cfg.num_iterations + 1):
             record, rows = grpo_step(run, step)
             metrics["steps"].append(record)
+            sampled = step % cfg.sample_every == 0 or step == 1
+            tracker.log_step(record, rows[:3] if sampled else None)
             recent = [r["step_seconds"] for r in metrics["steps"][-20:]]
             log(dist, progress_line(record, cfg.num_iterations, (cfg.num_iterations - step) * sum(recent) / len(recent)))
             if step % cfg.eval_every == 0 or step == cfg.num_iterations:
                 run_eval(step)
             if dist.is_main:
                 plumbing.write_json(paths.metrics, metrics)
-                if step % cfg.sample_every == 0 or step == 1:
+                if sampled:
                     plumbing.append_samples(paths.samples, rows)
                 if step % cfg.plot_every == 0 or step == cfg.num_iterations:
                     plot_metrics.plot_all(metrics, cfg.output_dir)
@@ -691,7 +735,7 @@ def grpo_step(run: Run, step: int) -> tuple:
     problems = train_problems(cfg, step, run.dist)
     prompts = prompts_for(run.tokenizer, problems)
     # 1. a group of G completions per prompt, sampled from softmax(logits / T)
-    with precision.autocast(run.policy.device, run.autocast):
+    with plumbing.lora_merged(run.policy), precision.autocast(run.policy.device, run.autocast):
         rollouts = engine.generate_rollouts(run.policy, run.tokenizer, prompts, G, cfg.max_new_tokens,
                                             cfg.temperature, run.end_ids, sampler=cfg.sampler)
     gen_seconds = time.perf_counter() - start
@@ -743,7 +787,10 @@ def policy_update(run: Run, rollouts: engine.Rollouts, advantages) -> dict:
                               for s in parts])
 
     clock = plumbing.PhaseClock(mask.device)
-    ref_logp = logprobs_of(run.ref_model) if cfg.beta > 0 else None
+    ref_logp = None
+    if cfg.beta > 0:
+        with reference_model(run) as reference:
+            ref_logp = logprobs_of(reference)
     # With one inner update the sampling policy is the current one: its log-probs, detached, serve.
     old_logp = logprobs_of(policy) if cfg.num_inner_updates > 1 else None
     seconds = {"ref_seconds": clock.lap(), "train_seconds": 0.0, "optimizer_seconds": 0.0}

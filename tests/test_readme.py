@@ -48,10 +48,13 @@ def test_every_readme_and_docs_command_is_a_tested_one():
         assert any(command.startswith(prefix) for prefix in TESTED), f"untested command in README or docs/: {command}"
 
 
-def test_docs_bench_and_train_commands_parse():
+def test_docs_bench_and_train_commands_parse(tiny_run_dir, monkeypatch):
     """bench.py and train_grpo.py lines in the docs name real subcommands and flags: each is
-    parsed exactly as the scripts parse it (running them is bench.py's job, not a test's)."""
+    parsed exactly as the scripts parse it (running them is bench.py's job, not a test's),
+    from a finished run's folder, so `--config saved_model/grpo_config.json` is there."""
     import bench
+
+    monkeypatch.chdir(tiny_run_dir)
 
     commands = [c for c in readme_commands() if c.startswith(("python bench.py", "python train_grpo.py"))]
     assert any(c.startswith("python bench.py") for c in commands)
