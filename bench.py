@@ -96,7 +96,8 @@ def random_model(shape: str, device: str):
     return model, tokenizer
 
 
-def bench_step(args, train_args):
+def bench_step(args, train_args, results=None):
+    """Our loop (and TRL's with --against trl); `results` gets both summaries when given."""
     import torch
 
     import train_grpo
@@ -108,15 +109,24 @@ def bench_step(args, train_args):
         from transformers.utils import logging as hf_logging
         hf_logging.set_verbosity_error()  # as load_model_and_tokenizer would
         model_flag = f"random-{args.random}"
-        print(f"random {args.random}: {sum(p.numel() for p in preloaded[0].parameters()) / 1e6:.0f}M params on {device}")
+        params = sum(p.numel() for p in preloaded[0].parameters())
+        if results is not None:
+            results["params"] = params
+        print(f"random {args.random}: {params / 1e6:.0f}M params on {device}")
     else:
         preloaded, model_flag = None, args.model
     with tempfile.TemporaryDirectory() as out:
-        argv = ["--model", model_flag, "--num_iterations", str(args.steps), "--eval_size", "1",
-                "--eval_every", str(10**6), "--save_every", "0", "--plot_every", str(10**6),
-                "--sample_every", str(10**6), "--output_dir", out, *train_args]
+        argv = ["--model", model_flag, "--num_iterations", str(args.steps), "--eval_every", str(10**6),
+                "--save_every", "0", "--plot_every", str(10**6), "--sample_every", str(10**6), "--output_dir", out,
+                *train_args]
         if "--preset" not in train_args:
             argv += ["--preset", "none"]
+        # The two evals (start, end) answer one batch as wide as a step's rollouts, so a
+        # compiled sampler meets one batch shape, as a real run's steps do, not a second one.
+        cfg = train_grpo.parse_args(argv)
+        rows = cfg.batch_size * cfg.num_generations
+        size = rows if cfg.task == "countdown" else min(rows, 104)  # arithmetic's val split holds 104
+        argv = ["--eval_size", str(size), "--eval_batch_size", str(rows), *argv]
         code = train_grpo.main(argv, preloaded=preloaded)
         if code:
             return code
@@ -127,6 +137,8 @@ def bench_step(args, train_args):
           f"log-probs {ours['ref']:.2f} + policy forward/backward {ours['train']:.2f} + optimizer "
           f"{ours['opt']:.2f} s; {ours['tokens_per_second']:.0f} completion tokens/s, mean completion "
           f"{ours['completion']:.0f} tokens, peak memory {ours['peak']:.2f} GB")
+    if results is not None:
+        results["ours"], results["max_new_tokens"] = ours, cfg.max_new_tokens
     if args.against != "trl":
         return 0
     cmd = [sys.executable, str(Path(__file__).resolve()), "trl-step", "--steps", str(args.steps),
@@ -140,6 +152,8 @@ def bench_step(args, train_args):
         print("The TRL run failed (above). Is it installed? pip install -r requirements-bench.txt")
         return 1
     trl = json.loads(lines[-1][len("TRL_RESULT "):])
+    if results is not None:
+        results["trl"] = trl
     print(f"\n{'':<6}{'s/step':>8}{'warm-up s':>11}{'mean completion':>17}{'peak GB':>9}")
     for name, r in (("ours", ours), ("TRL", trl)):
         print(f"{name:<6}{r['step']:>8.2f}{r['warmup']:>11.2f}{r['completion']:>17.0f}{r['peak']:>9.2f}")
@@ -230,9 +244,66 @@ def bench_trl_step(args, train_args):
     return 0
 
 
+def memory_bandwidth_gbs(device="cuda", gib: int = 2) -> float:
+    """Device memory bandwidth, measured: bytes read plus written by a large copy per second."""
+    import torch
+
+    src = torch.empty(gib * 2**30, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(5):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    return 2 * 5 * src.numel() / (time.perf_counter() - start) / 1e9
+
+
+def bench_gpu(args) -> int:
+    """The one command for a GPU box: the gpu tests, then the seed config on a random
+    Qwen2.5-1.5B shape, ours and (if installed) TRL's, in one table."""
+    import importlib.util
+
+    import torch
+
+    if not torch.cuda.is_available():
+        print("bench.py gpu: this PyTorch sees no CUDA device; run it on a GPU machine", file=sys.stderr)
+        return 2
+    tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "-s"],
+                           cwd=Path(__file__).resolve().parent, capture_output=True, text=True)
+    print(tests.stdout[-4000:])
+    summary = (tests.stdout.strip().splitlines() or ["(no output)"])[-1]
+    args.random, args.steps = "qwen2.5-1.5b", max(args.steps, 6)
+    args.against = "trl" if importlib.util.find_spec("trl") else None
+    results = {}
+    code = bench_step(args, [], results)
+    if code:
+        return code
+    bandwidth = memory_bandwidth_gbs()
+    weight_bytes = 2 * results["params"]  # bf16; the tied head reads the embedding matrix once per token
+    floor = results["max_new_tokens"] * weight_bytes / (bandwidth * 1e9)
+    print(f"\n== {torch.cuda.get_device_name()}, torch {torch.__version__}; gpu tests: {summary}")
+    print(f"memory bandwidth (measured copy) {bandwidth:.0f} GB/s: generation floor {floor:.2f} s "
+          f"({results['max_new_tokens']} decode steps, each reading {weight_bytes / 1e9:.1f} GB of bf16 weights)")
+    print(f"{'':<6}{'s/step':>8}{'gen':>7}{'gen/floor':>10}{'ref':>7}{'fwd+bwd':>9}{'optim':>7}{'first step':>12}"
+          f"{'tokens/s':>10}{'peak GB':>9}")
+    ours = results["ours"]
+    print(f"{'ours':<6}{ours['step']:>8.2f}{ours['gen']:>7.2f}{ours['gen'] / floor:>10.1f}{ours['ref']:>7.2f}"
+          f"{ours['train']:>9.2f}{ours['opt']:>7.2f}{ours['warmup']:>12.2f}{ours['tokens_per_second']:>10.0f}"
+          f"{ours['peak']:>9.2f}")
+    if "trl" in results:
+        trl = results["trl"]
+        print(f"{'TRL':<6}{trl['step']:>8.2f}{'':>7}{'':>10}{'':>7}{'':>9}{'':>7}{trl['warmup']:>12.2f}{'':>10}"
+              f"{trl['peak']:>9.2f}")
+    else:
+        print("TRL not installed (pip install -r requirements-bench.txt): no side-by-side")
+    print("CUDA-graph recordings: not counted yet")
+    return 0 if tests.returncode == 0 else 1
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Measure speed and memory.")
-    p.add_argument("what", nargs="+", choices=["data", "rewards", "step", "trl-step"])
+    p.add_argument("what", nargs="+", choices=["data", "rewards", "step", "trl-step", "gpu"])
     p.add_argument("--model", default="smollm2", help="for step: any --model train_grpo accepts")
     p.add_argument("--random", choices=sorted(SHAPES), help="for step: a random model of this shape instead")
     p.add_argument("--steps", type=int, default=3, help="for step: steps to run (the first is not timed)")
@@ -255,6 +326,8 @@ def main(argv=None):
             bench_rewards()
         elif what == "trl-step":
             code = bench_trl_step(args, train_args) or code
+        elif what == "gpu":
+            code = bench_gpu(args) or code
         else:
             code = bench_step(args, train_args) or code
     return code

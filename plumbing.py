@@ -276,14 +276,36 @@ def init_distributed(timeout_minutes: int, cpu_only: bool) -> Dist:
     return Dist(torch.distributed.get_rank(), torch.distributed.get_world_size())
 
 
-def all_reduce_gradients(params, dist: Dist) -> None:
+BUCKET_BYTES = 25 * 2**20  # gradients all-reduced per collective, as DDP's default bucket
+
+
+def all_reduce_gradients(params, dist: Dist, bucket_bytes: int = BUCKET_BYTES) -> None:
     """Sum every gradient over the ranks. Each rank's loss is already divided by the
     global counts of sequences and tokens, so the sum is the gradient of the loss over all
-    ranks' completions: the update one process would make on the union of their prompts."""
-    if dist.world > 1:
-        for p in params:
-            if p.grad is not None:
-                torch.distributed.all_reduce(p.grad)
+    ranks' completions: the update one process would make on the union of their prompts.
+    Gradients travel in flat buckets of one dtype, a few collectives instead of one per
+    tensor; a tensor larger than a bucket goes alone, in place."""
+    if dist.world == 1:
+        return
+    bucket, size = [], 0
+
+    def flush():
+        if len(bucket) == 1:
+            torch.distributed.all_reduce(bucket[0])
+        elif bucket:
+            flat = torch.cat([g.reshape(-1) for g in bucket])
+            torch.distributed.all_reduce(flat)
+            for g, part in zip(bucket, flat.split([g.numel() for g in bucket])):
+                g.copy_(part.view_as(g))
+        bucket.clear()
+
+    for g in (p.grad for p in params if p.grad is not None):
+        if bucket and (g.dtype != bucket[0].dtype or size + g.numel() * g.element_size() > bucket_bytes):
+            flush()
+            size = 0
+        bucket.append(g)
+        size += g.numel() * g.element_size()
+    flush()
 
 
 def all_reduce_floats(values: list, dist: Dist, op: str = "sum") -> list:

@@ -14,6 +14,18 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tiny import make_tiny_tokenizer  # noqa: E402  (also used by bench.py)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked gpu are collected everywhere and skipped, saying why, without CUDA."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA: run python -m pytest -m gpu (or python bench.py gpu) on a GPU box")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 def make_tiny_model(tokenizer, seed: int = 0):
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM

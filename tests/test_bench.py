@@ -31,3 +31,12 @@ def test_bench_against_trl_prints_both_runs_side_by_side(capsys):
     assert re.search(r"^ours\s+[\d.]+\s+[\d.]+\s+\d+\s+[\d.]+$", out, re.MULTILINE)
     assert re.search(r"^TRL\s+[\d.]+\s+[\d.]+\s+\d+\s+[\d.]+$", out, re.MULTILINE)
     assert re.search(r"TRL / ours step time: [\d.]+x", out)
+
+
+def test_bench_gpu_without_cuda_is_one_line_and_a_failure(capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert bench.main(["gpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "bench.py gpu: this PyTorch sees no CUDA device; run it on a GPU machine"

@@ -121,6 +121,35 @@ def assert_same_training(a, b):
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-6)
 
 
+def test_gradients_are_summed_in_buckets_of_one_dtype(monkeypatch):
+    """Each rank's gradients, as if the other rank held the same: every one doubles exactly,
+    in a few flat collectives (a tensor over the bucket size goes alone)."""
+    import plumbing
+
+    calls = []
+
+    def doubling_all_reduce(t):
+        calls.append((t.dtype, t.numel()))
+        t.mul_(2)
+
+    monkeypatch.setattr(torch.distributed, "all_reduce", doubling_all_reduce)
+    gen = torch.Generator().manual_seed(0)
+    shapes = [((3, 4), torch.float32), ((5,), torch.float32), ((2, 2), torch.bfloat16), ((40,), torch.bfloat16),
+              ((7,), torch.float32), ((1,), torch.float32)]
+    params = [torch.nn.Parameter(torch.zeros(s, dtype=d)) for s, d in shapes]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+    params.append(torch.nn.Parameter(torch.zeros(3)))  # no gradient: skipped
+    before = [p.grad.clone() if p.grad is not None else None for p in params]
+    plumbing.all_reduce_gradients(params, plumbing.Dist(0, 2), bucket_bytes=64)
+    for p, g in zip(params, before):
+        if g is not None:
+            assert torch.equal(p.grad, 2 * g)
+    # 12+5 float32 (68 B > 64: split), 4 bf16 then 40 bf16 (80 B: alone), 7+1 float32
+    assert calls == [(torch.float32, 12), (torch.float32, 5), (torch.bfloat16, 4), (torch.bfloat16, 40),
+                     (torch.float32, 8)]
+
+
 @pytest.fixture
 def one_process(monkeypatch):
     monkeypatch.setattr(engine, "generate_rollouts", fixed_rollouts)

@@ -87,11 +87,16 @@ def test_without_master_weights_bf16_loses_most_updates(tiny_model_dir):
     assert changed_fraction(before, policy.state_dict()) < 0.2
 
 
-def test_master_step_is_exactly_a_float32_adamw_step(tiny_model_dir):
-    """Stepping one tensor at a time is the same update as one step over all of them."""
+@pytest.mark.parametrize("group_bytes", [1, 20_000, 256 * 2**20])  # a tensor per call, a few, all at once
+def test_master_step_is_exactly_a_float32_adamw_step(tiny_model_dir, group_bytes):
+    """Stepping groups of tensors is the same update as one step over all of them."""
     cfg = tiny_cfg(tiny_model_dir, "--optimizer", "adamw", "--learning_rate", "1e-3")
     policy, _, _ = load_policy_and_reference(cfg, "cpu", torch.bfloat16)
-    opt = precision.make_optimizer(cfg, policy)
+    opt = precision.MasterWeights(list(policy.parameters()), lambda m: precision.make_adamw(cfg, m),
+                                  group_bytes=group_bytes)
+    calls = []
+    inner_step = opt.inner.step
+    opt.inner.step = lambda: (calls.append(1), inner_step())
     reference = [p.detach().float().clone().requires_grad_(True) for p in policy.parameters()]
     plain = torch.optim.AdamW(reference, lr=1e-3, weight_decay=0.0)
     for _ in range(3):
@@ -102,6 +107,17 @@ def test_master_step_is_exactly_a_float32_adamw_step(tiny_model_dir):
         plain.step()
         opt.zero_grad()
     assert all(torch.equal(m, r) for m, r in zip(opt.masters, reference))
+    sizes = [4 * p.numel() for p in policy.parameters()]
+    expected = {1: len(sizes), 256 * 2**20: 1}.get(group_bytes)
+    if expected is None:  # greedy groups of at least group_bytes, the last one maybe smaller
+        expected, total = 0, 0
+        for size in sizes:
+            total += size
+            if total >= group_bytes:
+                expected, total = expected + 1, 0
+        expected += total > 0
+    assert 1 < expected < len(sizes) or group_bytes != 20_000
+    assert len(calls) == 3 * expected
 
 
 def test_float32_models_need_no_masters(tiny_model_dir):
@@ -137,3 +153,19 @@ def test_bf16_resume_restores_the_float32_masters_exactly(tiny_model_dir, tmp_pa
     a = load_file(straight / "saved_model" / "model.safetensors")
     b = load_file(split / "saved_model" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("dtype,capability,tf32", [("float32", (9, 0), True), ("float32", (7, 0), False),
+                                                   ("bfloat16", (9, 0), False)])
+def test_float32_cuda_runs_use_tf32_matmuls_and_say_so(monkeypatch, dtype, capability, tf32):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "NVIDIA H200")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    previous = torch.get_float32_matmul_precision()
+    try:
+        _, _, line = precision.choose_runtime(parse_args(["--preset", "none", "--device", "cuda", "--dtype", dtype]))
+        assert ("TF32 matmuls" in line) == tf32
+        assert (torch.get_float32_matmul_precision() == "high") == tf32
+    finally:
+        torch.set_float32_matmul_precision(previous)
