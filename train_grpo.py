@@ -68,6 +68,8 @@ class GRPOConfig:
     beta: float = 0.01                    # KL penalty weight; 0 = no reference model at all
     kl_cap: float = 10.0                  # per-token k3 KL above this counts as this, with no gradient; 0 = no cap
     epsilon: float = 0.2                  # PPO clip range: ratio kept in [1-eps, 1+eps]
+    epsilon_high: float = 0.0             # upper clip instead (DAPO's clip-higher uses 0.28): ratio below 1+epsilon_high; 0 = epsilon
+    mask_truncated_completions: bool = False  # completions cut off at max_new_tokens get no loss (DAPO's overlong filtering)
     num_inner_updates: int = 1            # policy updates per generated batch
     clip_grad_norm: float = 0.5           # max global gradient norm
     loss_type: str = "grpo"               # grpo | dr_grpo | dapo: how token losses are averaged
@@ -213,7 +215,7 @@ def validate(cfg: GRPOConfig) -> None:
     for name in ("temperature", "learning_rate", "clip_grad_norm"):
         if not getattr(cfg, name) > 0 or not math.isfinite(getattr(cfg, name)):
             raise plumbing.UsageError(f"--{name} must be a positive number, got {getattr(cfg, name)}")
-    for name in ("beta", "kl_cap", "epsilon", "micro_batch_size", "save_every", "lora_rank"):
+    for name in ("beta", "kl_cap", "epsilon", "epsilon_high", "micro_batch_size", "save_every", "lora_rank"):
         if not getattr(cfg, name) >= 0:
             raise plumbing.UsageError(f"--{name} must be zero or more, got {getattr(cfg, name)}")
     if cfg.num_generations < 2:
@@ -481,7 +483,9 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, cfg: GRPOConfig, total
     advantages: (N,); mask: (N, L) bool, the completion tokens that count.
 
       ratio_t = exp(logp_t - old_logp_t)
-      loss_t  = -min(ratio_t * A, clip(ratio_t, 1 - eps, 1 + eps) * A) + beta * KL_t
+      loss_t  = -min(ratio_t * A, clip(ratio_t, 1 - eps, 1 + eps_high) * A) + beta * KL_t
+                (eps_high = epsilon_high, or eps when that is 0: a higher upper clip lets an
+                unlikely token with A > 0 grow further, DAPO's answer to entropy collapse)
       KL_t    = min(k3_t, kl_cap),  k3_t = exp(ref_t - logp_t) - (ref_t - logp_t) - 1
                 (k3: unbiased, always >= 0; kl_cap 0 = no cap)
 
@@ -504,7 +508,8 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, cfg: GRPOConfig, total
     zero = torch.zeros_like(logp)
     A = advantages[:, None]                                            # (N, 1)
     ratio = torch.exp(torch.where(mask, logp - old_logp, zero))        # (N, L)
-    clipped = torch.clamp(ratio, 1 - cfg.epsilon, 1 + cfg.epsilon)
+    high = cfg.epsilon_high or cfg.epsilon
+    clipped = torch.clamp(ratio, 1 - cfg.epsilon, 1 + high)
     per_token = -torch.min(ratio * A, clipped * A)                     # (N, L)
     if cfg.beta > 0:
         delta = torch.where(mask, ref_logp - logp, zero)
@@ -528,7 +533,7 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, cfg: GRPOConfig, total
     with torch.no_grad():
         m = mask.float()
         n_tok = m.sum().clamp(min=1)
-        is_clipped = ((ratio < 1 - cfg.epsilon) & (A < 0)) | ((ratio > 1 + cfg.epsilon) & (A > 0))
+        is_clipped = ((ratio < 1 - cfg.epsilon) & (A < 0)) | ((ratio > 1 + high) & (A > 0))
         worst = float(torch.where(mask, k3, zero).max()) if mask.numel() else 0.0
         stats = {"kl": float((kl * m).sum() / n_tok), "kl_max": worst,
                  "clip_frac": float((is_clipped.float() * m).sum() / n_tok),
@@ -775,6 +780,8 @@ def policy_update(run: Run, rollouts: engine.Rollouts, advantages) -> dict:
     N = rollouts.input_ids.shape[0]
     rows_per_pass = cfg.micro_batch_size or N
     parts = [slice(i, i + rows_per_pass) for i in range(0, N, rows_per_pass)]
+    if cfg.mask_truncated_completions:  # a cut-off answer is neither right nor wrong: no loss at all
+        rollouts = rollouts._replace(completion_mask=rollouts.completion_mask & ~rollouts.truncated[:, None])
     mask = rollouts.completion_mask
     # Normalised by the whole batch's counts over all ranks: summed gradients equal one process's.
     total_sequences = N * dist.world

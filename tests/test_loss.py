@@ -72,6 +72,25 @@ def test_ratio_is_clipped_on_both_sides_of_the_advantage_sign():
     assert grad[1].item() == pytest.approx(1.5 / 4) and grad[2].item() == pytest.approx(-0.5 / 4)
 
 
+@pytest.mark.parametrize("eps_high,clipped_above", [(0.28, 1.28), (0.0, 1.2)])
+def test_clip_higher_bites_only_above_one_plus_epsilon_high_for_positive_advantages(eps_high, clipped_above):
+    old = torch.zeros(5, 1)
+    ratios = [1.25, 1.3, 1.25, 0.7, 0.75]
+    logp = torch.log(torch.tensor(ratios)).view(5, 1).requires_grad_(True)
+    adv = torch.tensor([1.0, 1.0, -1.0, -1.0, 1.0])
+    cfg = GRPOConfig(beta=0.0, epsilon=0.2, epsilon_high=eps_high)
+    loss, stats = grpo_loss(logp, old, None, adv, torch.ones(5, 1, dtype=torch.bool), cfg)
+    loss.backward()
+    grad = logp.grad.squeeze(1)
+    up = min(1.25, clipped_above)  # ratio 1.25, A > 0: free with clip-higher, clipped at 1.2 without
+    # per sequence: -A * (clipped ratio where the clip bites); A < 0 below 1 - eps still clips at 0.8
+    expected = [-up, -clipped_above, 1.25, 0.8, -0.75]
+    assert loss.item() == pytest.approx(sum(expected) / 5)
+    assert (grad[0] != 0) == (eps_high > 0) and grad[1] == 0 and grad[3] == 0
+    assert grad[2] != 0 and grad[4] != 0  # the lower clip and A < 0 above 1 are untouched
+    assert stats["clip_frac"] == pytest.approx((3 - (eps_high > 0)) / 5)
+
+
 def test_on_policy_ratio_is_one_and_gradient_is_reinforce():
     logp = torch.randn(3, 5, requires_grad=True)
     adv = torch.tensor([1.0, -2.0, 0.5])

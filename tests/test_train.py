@@ -742,3 +742,27 @@ def test_one_real_step_on_smollm2(smollm2_gguf, tmp_path, varied_rewards):
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "saved_model")
     assert model.config.model_type == "llama"
+
+
+def test_mask_truncated_completions_gives_cut_off_rows_no_loss_and_no_gradient(tiny_model_dir, tmp_path):
+    """Masking the truncated rows is the same update as giving them advantage 0 (with beta 0,
+    their only other term): nothing of them reaches the gradient."""
+    def started(*extra):
+        args = tiny_args(tiny_model_dir, tmp_path, "--beta", "0", "--optimizer", "adamw", "--max_new_tokens", "6",
+                         "--overwrite", *extra)
+        return train_grpo.start_run(parse_args(args))[0]
+
+    masked, reference = started("--mask_truncated_completions"), started()
+    prompts = train_grpo.prompts_for(masked.tokenizer, train_grpo.train_problems(masked.cfg, 1))
+    torch.manual_seed(0)
+    rollouts = engine.generate_rollouts(masked.policy, masked.tokenizer, prompts, 3, 6, 1.2, masked.end_ids)
+    truncated = rollouts.truncated.clone()
+    truncated[0], truncated[-1] = True, False  # both kinds, whatever the tiny model wrote
+    rollouts = rollouts._replace(truncated=truncated)
+    advantages = torch.linspace(-1, 1, len(truncated))
+    train_grpo.policy_update(masked, rollouts, advantages)
+    train_grpo.policy_update(reference, rollouts, torch.where(truncated, torch.zeros_like(advantages), advantages))
+    for a, b in zip(masked.policy.parameters(), reference.policy.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
+    moved = [not torch.equal(a, b) for a, b in zip(masked.policy.parameters(), started().policy.parameters())]
+    assert any(moved)  # the other rows did train
