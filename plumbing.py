@@ -171,9 +171,9 @@ def add_lora_adapters(model, rank: int, alpha: float, target_modules: str) -> No
         import peft
     except ImportError:
         raise UsageError("--lora_rank needs the peft package: pip install peft "
-                                  "(or pip install -r requirements-extras.txt)") from None
-    targets = target_modules
-    targets = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
+                         "(or pip install -r requirements-extras.txt)") from None
+    targets = target_modules if target_modules == "all-linear" else \
+        [t.strip() for t in target_modules.split(",") if t.strip()]
     config = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets,
                              task_type="CAUSAL_LM")
     try:
@@ -182,7 +182,7 @@ def add_lora_adapters(model, rank: int, alpha: float, target_modules: str) -> No
             peft.get_peft_model(model, config)  # injects into `model`; we keep the plain transformers object
     except ValueError as err:  # peft's message for target modules the model does not have
         raise UsageError(f"--lora_target_modules {target_modules}: {str(err).splitlines()[0]}; "
-                                  f"name linear layers of this model, or pass all-linear") from None
+                         f"name linear layers of this model, or pass all-linear") from None
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()
@@ -193,6 +193,23 @@ def lora_layers(model) -> list:
         return []
     from peft.tuners.tuners_utils import BaseTunerLayer
     return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+
+
+def lora_delta(layer) -> torch.Tensor:
+    """(alpha / r) B A of one adapted layer: what its adapters add to the weight."""
+    return sum(layer.get_delta_weight(a) for a in layer.active_adapters)
+
+
+@contextlib.contextmanager
+def adapters_off(layers):
+    """While open, these adapted layers compute with their base weights alone."""
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
 
 
 @contextlib.contextmanager
@@ -208,19 +225,16 @@ def lora_merged(model):
     frozen = [p for p in model.parameters() if not p.requires_grad] if layers else []
     for p in frozen:
         p.requires_grad_(True)
-    originals = []
-    with torch.no_grad():
-        for layer in layers:
-            base = layer.get_base_layer()
-            originals.append(base.weight.data)
-            base.weight.data = base.weight.data + sum(layer.get_delta_weight(a) for a in layer.active_adapters)
-            layer.enable_adapters(False)
+    originals = [layer.get_base_layer().weight.data for layer in layers]
     try:
-        yield
+        with torch.no_grad():
+            for layer, weight in zip(layers, originals):
+                layer.get_base_layer().weight.data = weight + lora_delta(layer)
+        with adapters_off(layers):
+            yield
     finally:
         for layer, weight in zip(layers, originals):
             layer.get_base_layer().weight.data = weight
-            layer.enable_adapters(True)
         for p in frozen:
             p.requires_grad_(False)
 
@@ -483,24 +497,26 @@ def read_config_file(path: str, types: dict) -> dict:
         raise UsageError(f"--config {path}: cannot read it ({err.strerror}); pass an existing file") from None
     except ValueError as err:  # json.JSONDecodeError and yaml.YAMLError
         raise UsageError(f"--config {path} is not valid {Path(path).suffix[1:].upper() or 'JSON'} "
-                                  f"({str(err).splitlines()[0]}); fix the file or pass another") from None
+                         f"({str(err).splitlines()[0]}); fix the file or pass another") from None
     if not isinstance(loaded, dict):
         raise UsageError(f"--config {path} must hold a mapping of field names to values")
     unknown = sorted(set(loaded) - set(types))
     if unknown:
         raise UsageError(f"--config {path} has unknown fields: {', '.join(unknown)} "
-                                  f"(python train_grpo.py --help lists them all); remove or rename them")
+                         f"(python train_grpo.py --help lists them all); remove or rename them")
     given = {}
     for name, value in loaded.items():
-        kind = types[name]
         if name in ("config", "resume"):
             continue  # how the recorded run started, not what it is: a replay starts afresh
-        if (kind is bool and not isinstance(value, bool)) or (kind is not bool and isinstance(value, bool)) or \
-                (kind is str and not isinstance(value, str)) or not isinstance(value, (bool, int, float, str)):
+        kind = types[name]
+        if kind is bool or kind is str:
+            fits = isinstance(value, kind)
+        else:  # a number, or text a flag would give; True is an int to Python, not here
+            fits = isinstance(value, (int, float, str)) and not isinstance(value, bool)
+        if not fits:
             raise UsageError(f"--config {path}: {name} must be {kind.__name__}, got {value!r}")
         given[name] = str(value)
     return given
-
 
 
 # -----------------------------------------------------------------------------
@@ -560,7 +576,7 @@ def load_checkpoint(path: Path, policy, world: int = 1) -> dict:
     missing, unexpected = policy.load_state_dict(weights, strict=False)
     frozen = {name for name, p in policy.named_parameters() if not p.requires_grad}  # LoRA's base, from --model
     missing = [k for k in missing if k != "lm_head.weight" and k not in frozen]  # tied embeddings are saved once
-    if missing or unexpected or (is_lora(policy) and not weights):
+    if missing or unexpected:
         raise UsageError(f"checkpoint {path} does not match --model and --lora_rank (missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]}); resume with the model and flags the run started with")
     random.setstate(state["rng"]["python"])
@@ -590,9 +606,8 @@ def merged_lora_state_dict(model) -> dict:
     state = dict(model.state_dict())
     for name, module in model.named_modules():
         if isinstance(module, BaseTunerLayer):
-            base = module.get_base_layer()
-            delta = sum(module.get_delta_weight(a) for a in module.active_adapters)
-            state[f"{name}.base_layer.weight"] = base.weight.detach().float() + delta.float()
+            weight = module.get_base_layer().weight.detach()
+            state[f"{name}.base_layer.weight"] = weight.float() + lora_delta(module).float()
     merged, by_storage = {}, {}
     for key, tensor in state.items():
         if ".lora_" in key:

@@ -19,7 +19,6 @@ from pathlib import Path
 import plumbing
 
 BACKENDS = ("none", "tensorboard", "wandb")
-INSTALL = {"tensorboard": "tensorboard", "wandb": "wandb"}
 CATEGORY_TAGS = {"+": "add", "-": "subtract", "*": "multiply"}  # countdown's target ranges stay as they are
 
 
@@ -33,8 +32,8 @@ def require(backend: str):
             import wandb
             return wandb
     except ImportError:
-        raise plumbing.UsageError(f"--report_to {backend} needs the {INSTALL[backend]} package: pip install "
-                                  f"{INSTALL[backend]} (or pip install -r requirements-extras.txt)") from None
+        raise plumbing.UsageError(f"--report_to {backend} needs the {backend} package: pip install {backend} "
+                                  f"(or pip install -r requirements-extras.txt)") from None
     return None
 
 

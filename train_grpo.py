@@ -389,14 +389,8 @@ def reference_model(run):
     if not run.cfg.lora_rank:
         yield run.ref_model
         return
-    layers = plumbing.lora_layers(run.policy)
-    for layer in layers:
-        layer.enable_adapters(False)
-    try:
+    with plumbing.adapters_off(plumbing.lora_layers(run.policy)):
         yield run.policy
-    finally:
-        for layer in layers:
-            layer.enable_adapters(True)
 
 
 class Run(NamedTuple):
