@@ -25,9 +25,31 @@ class Rollouts(NamedTuple):
     texts: list                    # N decoded completions, special tokens removed
     truncated: torch.Tensor        # (N,) True if no end token within max_new_tokens
 
-    def rows(self, sl: slice) -> "Rollouts":
-        return Rollouts(self.input_ids[sl], self.attention_mask[sl], self.completion_mask[sl], self.prompt_len,
-                        self.texts[sl], self.truncated[sl])
+    def rows(self, index) -> "Rollouts":
+        """The rows of a slice, or of a list of row numbers."""
+        texts = self.texts[index] if isinstance(index, slice) else [self.texts[i] for i in index]
+        return Rollouts(self.input_ids[index], self.attention_mask[index], self.completion_mask[index],
+                        self.prompt_len, texts, self.truncated[index])
+
+
+def concat_rollouts(parts, pad_id: int) -> Rollouts:
+    """The rows of several Rollouts as one batch: prompts left-padded to the longest prompt
+    (attention 0, so positions and log-probs do not move) and completions right-padded to
+    the longest completion (outside the completion mask, like the padding after an end)."""
+    if len(parts) == 1:
+        return parts[0]
+    P = max(r.prompt_len for r in parts)
+    L = max(r.input_ids.shape[1] - r.prompt_len for r in parts)
+    pad = torch.nn.functional.pad
+    ids, attention, completion = [], [], []
+    for r in parts:
+        p, n = r.prompt_len, r.input_ids.shape[1] - r.prompt_len
+        ids.append(pad(r.input_ids, (P - p, L - n), value=pad_id))
+        attention.append(torch.cat([pad(r.attention_mask[:, :p], (P - p, 0), value=0),
+                                    pad(r.attention_mask[:, p:], (0, L - n), value=1)], dim=1))
+        completion.append(pad(r.completion_mask, (0, L - n), value=False))
+    return Rollouts(torch.cat(ids), torch.cat(attention), torch.cat(completion), P,
+                    [t for r in parts for t in r.texts], torch.cat([r.truncated for r in parts]))
 
 
 def end_token_ids(tokenizer, model) -> list[int]:

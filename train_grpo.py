@@ -70,6 +70,8 @@ class GRPOConfig:
     epsilon: float = 0.2                  # PPO clip range: ratio kept in [1-eps, 1+eps]
     epsilon_high: float = 0.0             # upper clip instead (DAPO's clip-higher uses 0.28): ratio below 1+epsilon_high; 0 = epsilon
     mask_truncated_completions: bool = False  # completions cut off at max_new_tokens get no loss (DAPO's overlong filtering)
+    dynamic_sampling: bool = False        # train only on groups whose rewards differ, sampling more prompts to fill the batch (DAPO)
+    max_sampling_rounds: int = 3          # --dynamic_sampling: at most this many rounds of batch_size prompts per step
     num_inner_updates: int = 1            # policy updates per generated batch
     clip_grad_norm: float = 0.5           # max global gradient norm
     loss_type: str = "grpo"               # grpo | dr_grpo | dapo: how token losses are averaged
@@ -208,7 +210,7 @@ def validate(cfg: GRPOConfig) -> None:
             raise plumbing.UsageError(f"--{name} must be one of {', '.join(o for o in options if o)}, got {getattr(cfg, name)!r}")
     positive = ["num_iterations", "batch_size", "num_generations", "max_new_tokens", "eval_size",
                 "eval_batch_size", "num_inner_updates", "plot_every", "sample_every", "eval_every",
-                "dist_timeout_minutes"]
+                "dist_timeout_minutes", "max_sampling_rounds"]
     for name in positive:
         if getattr(cfg, name) < 1:
             raise plumbing.UsageError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
@@ -321,15 +323,17 @@ def grade(completion: str, problem: dict, no_template: bool = False) -> Grade:
 # -----------------------------------------------------------------------------
 # Problems and prompts
 
-def train_problems(cfg: GRPOConfig, step: int, dist: plumbing.Dist = plumbing.Dist()) -> list[dict]:
+def train_problems(cfg: GRPOConfig, step: int, dist: plumbing.Dist = plumbing.Dist(), round: int = 0) -> list[dict]:
     """The problems of one step depend only on (seed, step): a resumed run sees the same
-    ones. With N ranks the step draws N * batch_size and each rank takes its own slice."""
+    ones. With N ranks the step draws N * batch_size and each rank takes its own slice.
+    Dynamic sampling's later rounds continue the same draw, so round 0 is the plain step."""
     seed, n = plumbing.seed_for(cfg.seed, step), cfg.batch_size * dist.world
     if cfg.task == "countdown":
-        problems = data.generate_countdown_problems(n, "train", seed=seed)
+        problems = data.generate_countdown_problems(n * (round + 1), "train", seed=seed)
     else:
-        problems = data.generate_arithmetic_problems(n, "train", seed=seed)
-    return problems[dist.rank * cfg.batch_size:(dist.rank + 1) * cfg.batch_size]
+        problems = data.generate_arithmetic_problems(n * (round + 1), "train", seed=seed)
+    first = round * n + dist.rank * cfg.batch_size
+    return problems[first:first + cfg.batch_size]
 
 
 def eval_problems(cfg: GRPOConfig) -> list[dict]:
@@ -720,9 +724,27 @@ def train(cfg: GRPOConfig, preloaded=None) -> dict:
 # of the whole batch, so they add; times, memory and the worst KL are the largest.
 OVER_RANKS = {**dict.fromkeys(("reward_mean", "reward_sq", "accuracy", "format_rate", "zero_spread_frac",
                                "completion_len", "truncated_frac"), "mean"),
-              **dict.fromkeys(("loss", "kl", "clip_frac", "ratio_mean", "entropy"), "sum"),
+              **dict.fromkeys(("loss", "kl", "clip_frac", "ratio_mean", "entropy", "groups_sampled",
+                               "groups_trained"), "sum"),
               **dict.fromkeys(("kl_max", "step_seconds", "gen_seconds", "peak_memory_gb", "ref_seconds",
                                "train_seconds", "optimizer_seconds"), "max")}
+
+
+def has_spread(rewards: torch.Tensor, num_generations: int) -> torch.Tensor:
+    """(B,) True for each group whose rewards are not all equal: the groups with a signal."""
+    groups = rewards.view(-1, num_generations)
+    return (groups != groups[:, :1]).any(dim=1)
+
+
+def sample_and_grade(run: Run, problems) -> tuple:
+    """G completions of each problem, sampled from softmax(logits / T), and their grades."""
+    prompts = prompts_for(run.tokenizer, problems)
+    with plumbing.lora_merged(run.policy), precision.autocast(run.policy.device, run.autocast):
+        rollouts = engine.generate_rollouts(run.policy, run.tokenizer, prompts, run.cfg.num_generations,
+                                            run.cfg.max_new_tokens, run.cfg.temperature, run.end_ids,
+                                            sampler=run.cfg.sampler)
+    G = run.cfg.num_generations
+    return prompts, rollouts, [grade(text, problems[i // G], run.no_template) for i, text in enumerate(rollouts.texts)]
 
 
 def grpo_step(run: Run, step: int) -> tuple:
@@ -731,30 +753,46 @@ def grpo_step(run: Run, step: int) -> tuple:
     cfg, G = run.cfg, run.cfg.num_generations
     start = time.perf_counter()
     torch.manual_seed(plumbing.seed_for(cfg.seed, step, run.dist.rank))
-    problems = train_problems(cfg, step, run.dist)
-    prompts = prompts_for(run.tokenizer, problems)
-    # 1. a group of G completions per prompt, sampled from softmax(logits / T)
-    with plumbing.lora_merged(run.policy), precision.autocast(run.policy.device, run.autocast):
-        rollouts = engine.generate_rollouts(run.policy, run.tokenizer, prompts, G, cfg.max_new_tokens,
-                                            cfg.temperature, run.end_ids, sampler=cfg.sampler)
+    # 1. a group of G completions per prompt, graded. Dynamic sampling (DAPO) keeps drawing
+    #    rounds of new prompts until batch_size groups have rewards that differ: a group
+    #    whose rewards are all equal has advantage 0 and would only dilute the batch.
+    problems, prompts, parts, grades = [], [], [], []
+    for r in range(cfg.max_sampling_rounds if cfg.dynamic_sampling else 1):
+        round_problems = train_problems(cfg, step, run.dist, r)
+        round_prompts, rollouts, round_grades = sample_and_grade(run, round_problems)
+        problems += round_problems
+        prompts += round_prompts
+        parts.append(rollouts)
+        grades += round_grades
+        spread = has_spread(torch.tensor([g.reward for g in grades]), G)
+        if int(spread.sum()) >= cfg.batch_size:
+            break
     gen_seconds = time.perf_counter() - start
-    # 2. grade each completion, then advantages within each group
-    grades = [grade(text, problems[i // G], run.no_template) for i, text in enumerate(rollouts.texts)]
     rewards = torch.tensor([g.reward for g in grades], dtype=torch.float32)
-    advantages = group_advantages(rewards, G, cfg.scale_rewards).to(rollouts.input_ids.device)
+    advantages = group_advantages(rewards, G, cfg.scale_rewards)
+    # 2. the groups to train on: all of them, or with dynamic sampling the first batch_size with spread
+    trained = spread.nonzero().flatten()[:cfg.batch_size].tolist() if cfg.dynamic_sampling else range(len(problems))
+    rollouts = engine.concat_rollouts(parts, run.tokenizer.pad_token_id)
+    if len(trained) < len(problems):
+        rollouts = rollouts.rows([g * G + j for g in trained for j in range(G)])
     # 3. log-probs, the clipped loss with its KL, and the optimizer step
-    update = policy_update(run, rollouts, advantages)
-    lengths = rollouts.completion_mask.sum(1).float()
+    update = policy_update(run, rollouts, advantages.view(-1, G)[list(trained)].flatten().to(rollouts.input_ids.device))
+    lengths = torch.cat([r.completion_mask.sum(1).float() for r in parts])
+    truncated = torch.cat([r.truncated.float() for r in parts])
     record = plumbing.reduce_over_ranks({
         "reward_mean": float(rewards.mean()), "reward_sq": float((rewards ** 2).mean()),
         "accuracy": sum(g.correct for g in grades) / len(grades),
         "format_rate": sum(is_formatted(g, run.no_template) for g in grades) / len(grades),
-        "zero_spread_frac": float((rewards.view(-1, G).std(1) == 0).float().mean()),
-        "completion_len": float(lengths.mean()), "truncated_frac": float(rollouts.truncated.float().mean()),
+        "zero_spread_frac": float(1 - spread.float().mean()),
+        "groups_sampled": len(problems), "groups_trained": len(trained),
+        "completion_len": float(lengths.mean()), "truncated_frac": float(truncated.mean()),
         **update, "learning_rate": run.optimizer.param_groups[0]["lr"],
         "step_seconds": time.perf_counter() - start, "gen_seconds": gen_seconds,
         "peak_memory_gb": plumbing.peak_memory_gb(rollouts.input_ids.device),
     }, OVER_RANKS, run.dist)
+    if record["groups_trained"] == 0:
+        log(run.dist, f"step {step}: none of the {record['groups_sampled']:.0f} groups sampled had rewards that "
+                      f"differ, so there is nothing to learn from: update skipped")
     n = len(grades) * run.dist.world
     variance = max(record.pop("reward_sq") - record["reward_mean"] ** 2, 0.0) * n / max(n - 1, 1)
     record = {"step": step, **record, "reward_std": math.sqrt(variance),
@@ -762,7 +800,7 @@ def grpo_step(run: Run, step: int) -> tuple:
     rows = [{"step": step, "question": data.problem_question(problems[i // G]), "completion": text,
              "reward": g.reward, "correct": g.correct, "advantage": float(advantages[i]),
              "prompt": prompts[i // G] if i % G == 0 else None}  # once per group: prompts are long
-            for i, (text, g) in enumerate(zip(rollouts.texts, grades))]
+            for i, (text, g) in enumerate(zip((t for r in parts for t in r.texts), grades))]
     return record, [row for part in plumbing.gather_objects(rows, run.dist) for row in part]
 
 
@@ -772,17 +810,25 @@ def policy_update(run: Run, rollouts: engine.Rollouts, advantages) -> dict:
     (and is counted)."""
     cfg, policy, dist = run.cfg, run.policy, run.dist
     N = rollouts.input_ids.shape[0]
-    rows_per_pass = cfg.micro_batch_size or N
+    rows_per_pass = cfg.micro_batch_size or max(N, 1)
     parts = [slice(i, i + rows_per_pass) for i in range(0, N, rows_per_pass)]
     if cfg.mask_truncated_completions:  # a cut-off answer is neither right nor wrong: no loss at all
         rollouts = rollouts._replace(completion_mask=rollouts.completion_mask & ~rollouts.truncated[:, None])
     mask = rollouts.completion_mask
     # Normalised by the whole batch's counts over all ranks: summed gradients equal one process's.
-    total_sequences = N * dist.world
-    total_tokens = torch.tensor(plumbing.all_reduce_floats([float(mask.sum())], dist)[0], device=mask.device).clamp(min=1)
+    # (Ranks hold the same number of sequences, except under dynamic sampling.)
+    total_sequences, total_tokens = plumbing.all_reduce_floats([float(N), float(mask.sum())], dist)
+    if total_sequences == 0:  # dynamic sampling found no group with a signal, on any rank
+        nothing = float("nan")
+        return dict(loss=nothing, kl=nothing, clip_frac=nothing, ratio_mean=nothing, entropy=nothing, kl_max=nothing,
+                    grad_norm=nothing, skipped_updates=cfg.num_inner_updates, ref_seconds=0.0, train_seconds=0.0,
+                    optimizer_seconds=0.0)
+    total_tokens = torch.tensor(total_tokens, device=mask.device).clamp(min=1)
     group = engine.prompt_group_size(policy, rows_per_pass, cfg.num_generations)  # the same for every pass
 
     def logprobs_of(model):  # (N, L), no grad, in the same parts as the update
+        if not parts:
+            return mask.float()
         with torch.no_grad():
             return torch.cat([completion_logprobs(model, rollouts.rows(s), cfg.temperature, run.autocast, group)[0]
                               for s in parts])
@@ -814,6 +860,9 @@ def policy_update(run: Run, rollouts: engine.Rollouts, advantages) -> dict:
             for key in ("kl", "clip_frac", "ratio_mean"):
                 sums[key] += stats[key] * token_share / cfg.num_inner_updates
             sums["entropy"] += float(entropy[part.completion_mask].sum()) / float(total_tokens) / cfg.num_inner_updates
+        if not parts:  # this rank kept no group, but the all-reduce needs its (zero) share
+            for p in params:
+                p.grad = torch.zeros_like(p)
         seconds["train_seconds"] += clock.lap()
         plumbing.all_reduce_gradients(params, dist)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm))
@@ -829,9 +878,11 @@ def policy_update(run: Run, rollouts: engine.Rollouts, advantages) -> dict:
 
 
 def progress_line(rec: dict, total: int, eta_seconds: float) -> str:
+    groups = "" if rec["groups_sampled"] == rec["groups_trained"] else \
+        f"groups {rec['groups_trained']:.0f}/{rec['groups_sampled']:.0f} trained | "
     return (f"step {rec['step']}/{total} | reward {rec['reward_mean']:.3f} (acc {rec['accuracy']:.2f}, "
             f"fmt {rec['format_rate']:.2f}) | kl {rec['kl']:.4f} | clip {rec['clip_frac']:.3f} | "
-            f"len {rec['completion_len']:.0f} | dt {rec['step_seconds']:.1f}s | eta {eta_seconds / 60:.1f}m")
+            f"len {rec['completion_len']:.0f} | {groups}dt {rec['step_seconds']:.1f}s | eta {eta_seconds / 60:.1f}m")
 
 
 def eval_line(rec: dict) -> str:

@@ -59,8 +59,12 @@ def checksum_grade(completion, problem, plain=False):
     return train_grpo.Grade(reward, reward == 1.0, reward > 0, reward > 0)
 
 
-def worker(rank, world, port, argv, slow):
-    """One process of a torchrun-style launch."""
+def flat_grade(completion, problem, plain=False):
+    return train_grpo.Grade(0.1, False, True, False)
+
+
+def worker(rank, world, port, argv, slow, flat_rank):
+    """One process of a torchrun-style launch. Rank `flat_rank` grades every completion alike."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     import engine as worker_engine
@@ -71,7 +75,7 @@ def worker(rank, world, port, argv, slow):
             time.sleep(0.5)  # leaves time for a signal to land mid-run
         return fixed_rollouts(*args, **kwargs)
 
-    worker_engine.generate_rollouts, tg.grade = rollouts, checksum_grade
+    worker_engine.generate_rollouts, tg.grade = rollouts, flat_grade if rank == flat_rank else checksum_grade
     code = tg.main(argv)
     if code:
         sys.exit(code)
@@ -83,8 +87,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(world, argv, slow=False, join=True):
-    return mp.start_processes(worker, args=(world, free_port(), argv, slow), nprocs=world, join=join,
+def launch(world, argv, slow=False, join=True, flat_rank=None):
+    return mp.start_processes(worker, args=(world, free_port(), argv, slow, flat_rank), nprocs=world, join=join,
                               start_method="spawn")
 
 
@@ -171,6 +175,22 @@ def test_two_processes_update_exactly_like_one_over_the_same_prompts(tiny_model_
     step1 = [r["reward"] for r in rows if r["step"] == 1]
     assert metrics_of(double)["steps"][0]["reward_mean"] == pytest.approx(sum(step1) / len(step1))
     assert "2 processes (gloo)" in metrics_of(double)["runtime"]["device"]
+
+
+def test_dynamic_sampling_with_a_rank_that_keeps_no_group_updates_like_one_process_on_the_kept_ones(
+        tiny_model_dir, tmp_path, one_process):
+    """Rank 1's groups never have spread, so under dynamic sampling it trains on nothing and
+    sends zero gradients; the update is one process's on rank 0's groups (the same prompts:
+    rank 0 of two takes the first problem of each step's draw, as one process with batch 1 does)."""
+    single, double = tmp_path / "single", tmp_path / "double"
+    dynamic = ("--dynamic_sampling", "--max_sampling_rounds", "1")
+    assert train_grpo.main(run_args(tiny_model_dir, single, 1, *dynamic)) == 0
+    launch(2, run_args(tiny_model_dir, double, 1, *dynamic), flat_rank=1)
+    assert [(s["groups_sampled"], s["groups_trained"]) for s in metrics_of(single)["steps"]] == [(1, 1)] * 2
+    assert [(s["groups_sampled"], s["groups_trained"]) for s in metrics_of(double)["steps"]] == [(2, 1)] * 2
+    wa, wb = weights_of(single), weights_of(double)
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-6)
 
 
 def test_two_processes_stopped_by_sigterm_resume_like_an_uninterrupted_run(tiny_model_dir, tmp_path, capsys):

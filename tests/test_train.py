@@ -766,3 +766,73 @@ def test_mask_truncated_completions_gives_cut_off_rows_no_loss_and_no_gradient(t
         torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
     moved = [not torch.equal(a, b) for a, b in zip(masked.policy.parameters(), started().policy.parameters())]
     assert any(moved)  # the other rows did train
+
+
+# --- dynamic sampling (DAPO): train only on groups with a signal
+
+def spread_only_for_odd_targets(monkeypatch):
+    """Groups of a countdown problem with an odd target get rewards that differ (a checksum
+    of the text); groups with an even target all get 0, so they carry no signal."""
+    def by_target(completion, problem, no_template=False):
+        reward = (sum(map(ord, completion)) % 3) / 2 if problem["target"] % 2 else 0.0
+        return train_grpo.Grade(reward, reward == 1.0, False, False)
+
+    monkeypatch.setattr(train_grpo, "grade", by_target)
+
+
+def test_dynamic_sampling_trains_only_on_groups_whose_rewards_differ(tiny_model_dir, tmp_path, monkeypatch):
+    spread_only_for_odd_targets(monkeypatch)
+    seen = []
+    update = train_grpo.policy_update
+    monkeypatch.setattr(train_grpo, "policy_update", lambda run, rollouts, adv: seen.append((rollouts, adv))
+                        or update(run, rollouts, adv))
+    args = tiny_args(tiny_model_dir, tmp_path, "--dynamic_sampling", "--max_sampling_rounds", "4",
+                     "--num_iterations", "3", "--batch_size", "3", "--save_every", "0")
+    assert train_grpo.main(args) == 0
+    cfg = parse_args(args)
+    for step, record, (rollouts, advantages) in zip((1, 2, 3), steps_of(tmp_path), seen):
+        drawn = [p for r in range(4) for p in train_grpo.train_problems(cfg, step, round=r)]
+        odd = [i for i, p in enumerate(drawn) if p["target"] % 2]
+        rounds = next(r + 1 for r in range(4) if len([i for i in odd if i < 3 * (r + 1)]) >= 3 or r == 3)
+        assert record["groups_sampled"] == 3 * rounds  # sampling stopped as soon as 3 groups had spread
+        assert record["groups_trained"] == min(3, len(odd)) == len(rollouts.texts) // 3
+        rewards = torch.tensor([train_grpo.grade(t, drawn[odd[i // 3]]).reward
+                                for i, t in enumerate(rollouts.texts)])
+        assert train_grpo.has_spread(rewards, 3).all()  # no trained group has zero spread
+        assert advantages.view(-1, 3).abs().sum(1).gt(0).all()
+    # round 0 is the plain step's draw, so a run that needs one round draws what it always drew
+    assert train_grpo.train_problems(cfg, 1, round=0) == train_grpo.train_problems(cfg, 1)
+
+
+def test_a_step_whose_groups_all_lack_spread_skips_its_update_and_says_so(tiny_model_dir, tmp_path, monkeypatch,
+                                                                           capsys):
+    monkeypatch.setattr(train_grpo, "grade", lambda completion, problem, no_template=False:
+                        train_grpo.Grade(0.1, False, True, False))
+    args = tiny_args(tiny_model_dir, tmp_path, "--dynamic_sampling", "--max_sampling_rounds", "2",
+                     "--num_iterations", "1", "--save_every", "0")
+    assert train_grpo.main(args) == 0
+    record = steps_of(tmp_path)[0]
+    assert record["groups_sampled"] == 4 and record["groups_trained"] == 0
+    assert record["skipped_updates"] == 1 and record["loss"] is None and record["kl"] is None
+    assert "none of the 4 groups sampled had rewards that differ" in capsys.readouterr().out
+    from transformers import AutoModelForCausalLM
+    trained, original = (AutoModelForCausalLM.from_pretrained(d) for d in (tmp_path / "saved_model", tiny_model_dir))
+    assert all(torch.equal(a, b) for a, b in zip(trained.parameters(), original.parameters()))
+
+
+def test_rollouts_of_different_paddings_concatenate_without_moving_a_log_prob(tiny_model_dir, tmp_path):
+    run = train_grpo.start_run(parse_args(tiny_args(tiny_model_dir, tmp_path)))[0]
+    questions = ["what is 1 + 2?", "Using the numbers [10, 9, 8], create an expression that equals 98. Be quick."]
+    torch.manual_seed(0)
+    parts = [engine.generate_rollouts(run.policy, run.tokenizer, [data.build_prompt(run.tokenizer, q)], 2, n,
+                                      1.2, run.end_ids) for q, n in zip(questions, (8, 3))]
+    assert parts[0].prompt_len != parts[1].prompt_len
+    merged = engine.concat_rollouts(parts, run.tokenizer.pad_token_id)
+    assert merged.texts == parts[0].texts + parts[1].texts and merged.completion_mask.sum() == sum(
+        p.completion_mask.sum() for p in parts)
+    with torch.no_grad():
+        whole = train_grpo.completion_logprobs(run.policy, merged, 1.2, group_size=2)[0]
+        for i, part in enumerate(parts):
+            alone = train_grpo.completion_logprobs(run.policy, part, 1.2, group_size=2)[0]
+            rows = merged.completion_mask[2 * i:2 * i + 2]
+            torch.testing.assert_close(whole[2 * i:2 * i + 2][rows], alone[part.completion_mask], rtol=0, atol=1e-5)
