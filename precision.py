@@ -74,19 +74,42 @@ def choose_runtime(cfg):
     return device, dtype, f"cpu ({weights_note(cfg, dtype)})"
 
 
-def matmul_gflops(width: int, dtype: torch.dtype, rows: int = 256, reps: int = 5) -> float:
+def matmul_gflops(width: int, dtype: torch.dtype, rows: int = 256, reps: int = 5, device: str = "cpu") -> float:
     """Throughput of (rows, width) @ (width, 4 * width), the shape of an MLP up-projection,
     from the fastest of `reps` calls: a VM's noise only ever makes a call slower."""
     gen = torch.Generator().manual_seed(0)
-    a = torch.randn(rows, width, generator=gen).to(dtype)
-    b = torch.randn(width, 4 * width, generator=gen).to(dtype)
+    a = torch.randn(rows, width, generator=gen).to(device, dtype)
+    b = torch.randn(width, 4 * width, generator=gen).to(device, dtype)
+    sync = torch.cuda.synchronize if device != "cpu" else (lambda: None)
     a @ b  # warm-up: first calls pick kernels
     fastest = float("inf")
     for _ in range(reps):
+        sync()
         start = time.perf_counter()
         a @ b
+        sync()
         fastest = min(fastest, time.perf_counter() - start)
     return 2 * rows * width * 4 * width / fastest / 1e9
+
+
+# Dense bf16 datasheet peaks (TFLOP/s); TF32 float32 matmuls peak at half. First match wins.
+GPU_PEAK_TFLOPS = {"H100 PCIe": 756, "H100": 989, "H200": 989, "H20": 148, "A100": 312, "L40S": 362,
+                   "RTX 4090": 165, "A10G": 70, "L4": 121}
+
+
+def peak_flops(device, dtype: torch.dtype, width: int) -> tuple:
+    """-> (FLOP/s, where the figure comes from): the rate MFU is reported against. A known
+    GPU's datasheet peak; otherwise, and on every CPU, the measured rate of a matmul of the
+    model's width in the dtype it computes in (a CPU has no honest datasheet figure: its
+    clock and the VM's share of it vary)."""
+    if str(device).startswith("cuda"):
+        name = torch.cuda.get_device_name()
+        for key, tflops in GPU_PEAK_TFLOPS.items():
+            if key in name:
+                scale = 1.0 if dtype == torch.bfloat16 else 0.5
+                return tflops * scale * 1e12, f"{name} datasheet {dtype_name(dtype)} peak"
+        return matmul_gflops(width, dtype, device="cuda", rows=4096) * 1e9, f"measured {dtype_name(dtype)} matmul"
+    return matmul_gflops(width, dtype) * 1e9, f"measured {dtype_name(dtype)} matmul"
 
 
 def choose_cpu_autocast(cfg, device, dtype, width: int, resumed=None) -> tuple:

@@ -407,6 +407,8 @@ class Run(NamedTuple):
     optimizer: object = None
     autocast: torch.dtype | None = None      # bf16 autocast over float32 weights on CPU, or None
     dist: plumbing.Dist = plumbing.Dist()
+    matmul_params: int = 0                   # weights in matmuls (the output head, not the embedding lookup)
+    peak_flops: float = 0.0                  # FLOP/s that MFU is measured against
 
     @property
     def no_template(self) -> bool:
@@ -637,9 +639,13 @@ def start_run(cfg: GRPOConfig, preloaded=None) -> tuple:
     metrics["cpu_autocast"] = rank0_on
     sampler = engine.choose_sampler(cfg.sampler, device)
     processes = f"; {dist.world} processes ({torch.distributed.get_backend()})" if dist.world > 1 else ""
-    metrics["runtime"] = {"device": f"{device_line}{f', {why}' if why else ''}; {sampler} sampler{processes}",
-                          **plumbing.provenance()}
-    run = Run(cfg, policy, tokenizer, engine.end_token_ids(tokenizer, policy), ref_model, optimizer, autocast, dist)
+    peak, source = precision.peak_flops(device, autocast or dtype, getattr(policy.config, "hidden_size", 1024))
+    metrics["runtime"] = {"device": f"{device_line}{f', {why}' if why else ''}; {sampler} sampler{processes}; "
+                                    f"MFU against {peak / 1e12:.3g} TFLOP/s ({source})",
+                          "peak_flops": peak, **plumbing.provenance()}
+    matmul_params = sum(m.weight.numel() for m in policy.modules() if isinstance(m, torch.nn.Linear))
+    run = Run(cfg, policy, tokenizer, engine.end_token_ids(tokenizer, policy), ref_model, optimizer, autocast, dist,
+              matmul_params, peak)
     log(dist, f"device: {metrics['runtime']['device']}")
     trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
     lora = f", {trainable / 1e6:.2f}M in LoRA rank-{cfg.lora_rank} adapters train" if cfg.lora_rank else ""
@@ -723,9 +729,9 @@ def train(cfg: GRPOConfig, preloaded=None) -> dict:
 # completions, so means average; the update's statistics are already each rank's share
 # of the whole batch, so they add; times, memory and the worst KL are the largest.
 OVER_RANKS = {**dict.fromkeys(("reward_mean", "reward_sq", "accuracy", "format_rate", "zero_spread_frac",
-                               "completion_len", "truncated_frac"), "mean"),
+                               "completion_len", "truncated_frac", "prompt_len"), "mean"),
               **dict.fromkeys(("loss", "kl", "clip_frac", "ratio_mean", "entropy", "groups_sampled",
-                               "groups_trained"), "sum"),
+                               "groups_trained", "flops"), "sum"),
               **dict.fromkeys(("kl_max", "step_seconds", "gen_seconds", "peak_memory_gb", "ref_seconds",
                                "train_seconds", "optimizer_seconds"), "max")}
 
@@ -779,6 +785,7 @@ def grpo_step(run: Run, step: int) -> tuple:
     update = policy_update(run, rollouts, advantages.view(-1, G)[list(trained)].flatten().to(rollouts.input_ids.device))
     lengths = torch.cat([r.completion_mask.sum(1).float() for r in parts])
     truncated = torch.cat([r.truncated.float() for r in parts])
+    prompt_lens = torch.cat([r.attention_mask[::G, :r.prompt_len].sum(1).float() for r in parts])
     record = plumbing.reduce_over_ranks({
         "reward_mean": float(rewards.mean()), "reward_sq": float((rewards ** 2).mean()),
         "accuracy": sum(g.correct for g in grades) / len(grades),
@@ -786,7 +793,7 @@ def grpo_step(run: Run, step: int) -> tuple:
         "zero_spread_frac": float(1 - spread.float().mean()),
         "groups_sampled": len(problems), "groups_trained": len(trained),
         "completion_len": float(lengths.mean()), "truncated_frac": float(truncated.mean()),
-        **update, "learning_rate": run.optimizer.param_groups[0]["lr"],
+        "prompt_len": float(prompt_lens.mean()), "flops": step_flops(run, parts, rollouts), **update, "learning_rate": run.optimizer.param_groups[0]["lr"],
         "step_seconds": time.perf_counter() - start, "gen_seconds": gen_seconds,
         "peak_memory_gb": plumbing.peak_memory_gb(rollouts.input_ids.device),
     }, OVER_RANKS, run.dist)
@@ -796,12 +803,32 @@ def grpo_step(run: Run, step: int) -> tuple:
     n = len(grades) * run.dist.world
     variance = max(record.pop("reward_sq") - record["reward_mean"] ** 2, 0.0) * n / max(n - 1, 1)
     record = {"step": step, **record, "reward_std": math.sqrt(variance),
-              "tokens_per_second": record["completion_len"] * n / record["step_seconds"]}
+              "tokens_per_second": record["completion_len"] * n / record["step_seconds"],
+              "mfu": record["flops"] / record["step_seconds"] / (run.peak_flops * run.dist.world)}
     rows = [{"step": step, "question": data.problem_question(problems[i // G]), "completion": text,
              "reward": g.reward, "correct": g.correct, "advantage": float(advantages[i]),
              "prompt": prompts[i // G] if i % G == 0 else None}  # once per group: prompts are long
             for i, (text, g) in enumerate(zip((t for r in parts for t in r.texts), grades))]
     return record, [row for part in plumbing.gather_objects(rows, run.dist) for row in part]
+
+
+def step_flops(run: Run, sampled, trained: engine.Rollouts) -> float:
+    """The step's model FLOPs, as MFU counts them: 2 per matmul weight per token for each
+    forward pass and 4 more for its backward, over the real tokens (a group's prompt once,
+    each completion up to its end): sampling every round, then on the trained batch the
+    reference and old-policy passes and the updates. Padding, recompute under gradient
+    checkpointing and attention's own FLOPs (a few % at these lengths) are not counted;
+    with LoRA the frozen weights' backward is half as large."""
+    G, cfg = run.cfg.num_generations, run.cfg
+
+    def tokens(r):
+        return float(r.attention_mask[::G, :r.prompt_len].sum() + r.completion_mask.sum())
+
+    forward_passes = int(cfg.beta > 0) + int(cfg.num_inner_updates > 1)
+    update_passes = 2 if cfg.lora_rank else 3  # frozen weights need no weight gradients: half the backward
+    per_token = 2 * run.matmul_params
+    return per_token * (sum(tokens(r) for r in sampled) +
+                        tokens(trained) * (forward_passes + update_passes * cfg.num_inner_updates))
 
 
 def policy_update(run: Run, rollouts: engine.Rollouts, advantages) -> dict:
@@ -882,7 +909,8 @@ def progress_line(rec: dict, total: int, eta_seconds: float) -> str:
         f"groups {rec['groups_trained']:.0f}/{rec['groups_sampled']:.0f} trained | "
     return (f"step {rec['step']}/{total} | reward {rec['reward_mean']:.3f} (acc {rec['accuracy']:.2f}, "
             f"fmt {rec['format_rate']:.2f}) | kl {rec['kl']:.4f} | clip {rec['clip_frac']:.3f} | "
-            f"len {rec['completion_len']:.0f} | {groups}dt {rec['step_seconds']:.1f}s | eta {eta_seconds / 60:.1f}m")
+            f"len {rec['completion_len']:.0f} | {groups}dt {rec['step_seconds']:.1f}s (mfu {100 * rec['mfu']:.1f}%) | "
+            f"eta {eta_seconds / 60:.1f}m")
 
 
 def eval_line(rec: dict) -> str:

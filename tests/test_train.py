@@ -836,3 +836,17 @@ def test_rollouts_of_different_paddings_concatenate_without_moving_a_log_prob(ti
             alone = train_grpo.completion_logprobs(run.policy, part, 1.2, group_size=2)[0]
             rows = merged.completion_mask[2 * i:2 * i + 2]
             torch.testing.assert_close(whole[2 * i:2 * i + 2][rows], alone[part.completion_mask], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("extra, passes", [((), 1 + 1 + 3), (("--beta", "0"), 1 + 3),
+                                           (("--num_inner_updates", "2"), 1 + 1 + 1 + 2 * 3)])
+def test_a_step_counts_its_model_flops_and_utilisation(tiny_model_dir, tmp_path, varied_rewards, extra, passes):
+    """Sampling, the reference and old-policy forwards, and each update's forward and
+    backward: 2 FLOPs per matmul weight per real token for a forward, 6 for forward + backward."""
+    run = train_grpo.start_run(parse_args(tiny_args(tiny_model_dir, tmp_path, *extra)))[0]
+    record, _ = train_grpo.grpo_step(run, 1)
+    linear = sum(m.weight.numel() for m in run.policy.modules() if isinstance(m, torch.nn.Linear))
+    tokens = 2 * record["prompt_len"] + 2 * 3 * record["completion_len"]  # 2 prompts once each, 6 completions
+    assert record["flops"] == pytest.approx(2 * linear * tokens * passes)
+    assert record["mfu"] == pytest.approx(record["flops"] / record["step_seconds"] / run.peak_flops)
+    assert run.peak_flops > 0 and f"(mfu {100 * record['mfu']:.1f}%)" in train_grpo.progress_line(record, 2, 0.0)
