@@ -137,6 +137,7 @@ def bench_step(args, train_args, results=None):
           f"log-probs {ours['ref']:.2f} + policy forward/backward {ours['train']:.2f} + optimizer "
           f"{ours['opt']:.2f} s; {ours['tokens_per_second']:.0f} completion tokens/s, mean completion "
           f"{ours['completion']:.0f} tokens, peak memory {ours['peak']:.2f} GB")
+    print_floors(metrics, ours, "cuda" if metrics["runtime"]["device"].startswith("cuda") else "cpu")
     if results is not None:
         results["ours"], results["max_new_tokens"] = ours, cfg.max_new_tokens
     if args.against != "trl":
@@ -168,7 +169,7 @@ def summarise(steps: list) -> dict:
     return {"step": mean("step_seconds"), "gen": mean("gen_seconds"), "ref": mean("ref_seconds"),
             "train": mean("train_seconds"), "opt": mean("optimizer_seconds"), "timed": len(timed),
             "tokens_per_second": mean("tokens_per_second"), "completion": mean("completion_len"),
-            "warmup": steps[0]["step_seconds"], "peak": max(s["peak_memory_gb"] for s in steps)}
+            "warmup": steps[0]["step_seconds"], "peak": max(s["peak_memory_gb"] for s in steps), "mfu": mean("mfu")}
 
 
 def bench_trl_step(args, train_args):
@@ -245,18 +246,63 @@ def bench_trl_step(args, train_args):
 
 
 def memory_bandwidth_gbs(device="cuda", gib: int = 2) -> float:
-    """Device memory bandwidth, measured: bytes read plus written by a large copy per second."""
+    """Memory bandwidth, measured: bytes read plus written per second by the fastest of five
+    large copies (a VM's noise only ever makes a copy slower)."""
     import torch
 
-    src = torch.empty(gib * 2**30, dtype=torch.uint8, device=device)
+    sync = torch.cuda.synchronize if device != "cpu" else (lambda: None)
+    src = torch.ones(gib * 2**30, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)
-    torch.cuda.synchronize()
-    start = time.perf_counter()
+    fastest = float("inf")
     for _ in range(5):
+        sync()
+        start = time.perf_counter()
         dst.copy_(src)
-    torch.cuda.synchronize()
-    return 2 * 5 * src.numel() / (time.perf_counter() - start) / 1e9
+        sync()
+        fastest = min(fastest, time.perf_counter() - start)
+    return 2 * src.numel() / fastest / 1e9
+
+
+# Optimizer bytes moved per trainable weight and step: AdamW reads and writes the float32
+# weight and both moments and reads the gradient (28 B); 8-bit moments are 1 B each (16 B).
+# Master weights add the bf16 gradient read and the bf16 weight written back (4 B).
+OPTIMIZER_BYTES = {"adamw": 28, "adamw8bit": 16}
+
+
+def phase_floors(metrics: dict, bandwidth_gbs: float) -> dict:
+    """{phase: (floor in s, what bounds it)} for the mean timed step: each phase's model
+    FLOPs over runtime.peak_flops, and generation also no faster than reading every weight
+    once per decode step (as many steps as the mean completion: a lower bound)."""
+    cfg, runtime, timed = metrics["config"], metrics["runtime"], metrics["steps"][1:] or metrics["steps"]
+    mean = lambda key: statistics.mean(s[key] for s in timed)  # noqa: E731
+    weights, peak, bandwidth = runtime["matmul_params"], runtime["peak_flops"], bandwidth_gbs * 1e9
+    G = cfg["num_generations"]
+    sampled = mean("groups_sampled") * (mean("prompt_len") + G * mean("completion_len"))
+    trained = mean("groups_trained") * (mean("prompt_len") + G * mean("completion_len"))
+    compute_bytes = 4 if runtime["device"].startswith("cpu (float32") and not metrics.get("cpu_autocast") else 2
+    decode = mean("completion_len") * weights * compute_bytes / bandwidth
+    gen_flops = 2 * weights * sampled / peak
+    ref_passes = int(cfg["beta"] > 0) + int(cfg["num_inner_updates"] > 1)
+    update_passes = (2 if cfg["lora_rank"] else 3) + int(cfg["gradient_checkpointing"])  # + the recompute
+    extra = 4 if cfg["master_weights"] and not runtime["device"].startswith("cpu (float32") else 0
+    optimizer_bytes = runtime["trainable_params"] * (OPTIMIZER_BYTES[cfg["optimizer"]] + extra)
+    return {"gen": (max(gen_flops, decode), "weights read" if decode > gen_flops else "FLOPs"),
+            "ref": (2 * weights * trained * ref_passes / peak, "FLOPs"),
+            "train": (2 * weights * trained * update_passes * cfg["num_inner_updates"] / peak, "FLOPs"),
+            "opt": (optimizer_bytes * cfg["num_inner_updates"] / bandwidth, "bytes moved")}
+
+
+def print_floors(metrics: dict, ours: dict, device: str) -> None:
+    bandwidth = memory_bandwidth_gbs(device, gib=1)
+    floors = phase_floors(metrics, bandwidth)
+    source = metrics["runtime"]["device"].split("MFU against")[-1].strip()
+    print(f"\nfloors at {source}, memory {bandwidth:.0f} GB/s (measured copy); MFU of the whole step {100 * ours['mfu']:.1f}%")
+    print(f"{'phase':<10}{'measured s':>11}{'floor s':>9}{'x floor':>9}  bound by")
+    for phase, name in (("gen", "generation"), ("ref", "reference"), ("train", "fwd+bwd"), ("opt", "optimizer")):
+        floor, why = floors[phase]
+        ratio = f"{ours[phase] / floor:>9.1f}" if floor > 0 else f"{'-':>9}"
+        print(f"{name:<10}{ours[phase]:>11.2f}{floor:>9.3f}{ratio}  {why}")
 
 
 def bench_gpu(args) -> int:

@@ -640,14 +640,16 @@ def start_run(cfg: GRPOConfig, preloaded=None) -> tuple:
     sampler = engine.choose_sampler(cfg.sampler, device)
     processes = f"; {dist.world} processes ({torch.distributed.get_backend()})" if dist.world > 1 else ""
     peak, source = precision.peak_flops(device, autocast or dtype, getattr(policy.config, "hidden_size", 1024))
+    matmul_params = sum(m.weight.numel() for m in policy.modules() if isinstance(m, torch.nn.Linear))
     metrics["runtime"] = {"device": f"{device_line}{f', {why}' if why else ''}; {sampler} sampler{processes}; "
                                     f"MFU against {peak / 1e12:.3g} TFLOP/s ({source})",
-                          "peak_flops": peak, **plumbing.provenance()}
-    matmul_params = sum(m.weight.numel() for m in policy.modules() if isinstance(m, torch.nn.Linear))
+                          "peak_flops": peak, "matmul_params": matmul_params,
+                          "trainable_params": sum(p.numel() for p in policy.parameters() if p.requires_grad),
+                          **plumbing.provenance()}
     run = Run(cfg, policy, tokenizer, engine.end_token_ids(tokenizer, policy), ref_model, optimizer, autocast, dist,
               matmul_params, peak)
     log(dist, f"device: {metrics['runtime']['device']}")
-    trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+    trainable = metrics["runtime"]["trainable_params"]
     lora = f", {trainable / 1e6:.2f}M in LoRA rank-{cfg.lora_rank} adapters train" if cfg.lora_rank else ""
     log(dist, f"model: {cfg.model} ({sum(p.numel() for p in policy.parameters()) / 1e6:.0f}M params{lora}, loaded in "
               f"{time.perf_counter() - t0:.0f}s), {'plain Q/A' if run.no_template else 'chat'} prompts, "
