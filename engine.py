@@ -10,11 +10,14 @@ available (--sampler static | generate) for comparison and for CUDA graphs.
 It knows nothing of rewards or the loss; train_grpo.py and inference.py call it.
 """
 
+import contextlib
 import functools
 import inspect
 from typing import NamedTuple
 
 import torch
+import torch.utils.checkpoint
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 class Rollouts(NamedTuple):
@@ -216,16 +219,52 @@ def generate_rollouts(model, tokenizer, prompts, num_generations: int, max_new_t
 # The scoring passes' decoder, with the prompt run once per group.
 
 def enable_checkpointing(model) -> None:
-    """Gradient checkpointing, once per run. transformers 5 renamed it "activation
-    checkpointing"; use_reentrant=False is the variant that works with frozen inputs."""
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    """Activation checkpointing of every decoder layer, once per run, done here rather than
+    by transformers, whose checkpointed layers drop any KV cache handed to them: ours keep
+    it, so the scoring passes still run each group's prompt once. Like theirs it acts only
+    in training mode with grad enabled (never while sampling). A model without
+    transformers' checkpointable layers gets transformers' own checkpointing instead."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not layers:
+        kwargs = {"use_reentrant": False}  # the variant that works with frozen inputs
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers 5's name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        return
+    for layer in layers:
+        layer.forward = functools.partial(checkpointed_forward, layer, layer.forward)
+
+
+def checkpointed_forward(layer, forward, *args, **kwargs):
+    """One decoder layer under activation checkpointing, KV cache included. The layer
+    appends its keys and values to the cache as it runs (transformers rebinds the cache's
+    tensors, never writes into them), so the recompute in backward first puts the cache
+    back as the layer found it, and then sees exactly the inputs of the first run."""
+    if not (layer.training and torch.is_grad_enabled()):
+        return forward(*args, **kwargs)
+    from transformers.cache_utils import Cache
+
+    cache = next((v for v in (*args, *kwargs.values()) if isinstance(v, Cache)), None)  # GPT-2 passes it by position
+    found = None if cache is None else (list(cache.layers), [dict(vars(c)) for c in cache.layers])
+    attention = attention_backends()  # backward runs outside scoring_attention: recompute with the same kernel
+
+    def run(*inputs):
+        if found is not None:
+            cache.layers[:] = found[0]
+            for c, state in zip(*found):
+                c.__dict__.clear()
+                c.__dict__.update(state)
+        with sdpa_kernel(attention):
+            return forward(*inputs, **kwargs)
+
+    return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
 
 
 def is_checkpointing(model) -> bool:
+    """True if transformers' own checkpointing is on (ours keeps the KV cache)."""
     if hasattr(model, "is_activation_checkpointing"):  # transformers 5's name
         return bool(model.is_activation_checkpointing)
     return bool(getattr(model, "is_gradient_checkpointing", False))
@@ -233,13 +272,33 @@ def is_checkpointing(model) -> bool:
 
 def prompt_group_size(model, rows_per_pass: int, num_generations: int) -> int:
     """G when a scoring pass of `rows_per_pass` sequences can run each prompt once for its
-    group, else 1. Not under gradient checkpointing in training mode, where transformers
-    drops any KV cache handed to a layer. Decided once per batch for every pass: while
-    policy and reference are equal their log-probs must agree exactly, or a 1e-7 difference
-    is a KL gradient that Adam scales into a full-size step."""
+    group, else 1. Not under transformers' own checkpointing in training mode, which drops
+    any KV cache handed to a layer. Decided once per batch for every pass: while policy
+    and reference are equal their log-probs must agree exactly, or a 1e-7 difference is a
+    KL gradient that Adam scales into a full-size step."""
     if rows_per_pass % num_generations or (model.training and is_checkpointing(model)):
         return 1
     return num_generations
+
+
+def attention_backends() -> list:
+    """The SDPA kernels allowed right now (scoring_attention narrows them)."""
+    flags = torch.backends.cuda
+    return [b for b, on in ((SDPBackend.FLASH_ATTENTION, flags.flash_sdp_enabled()),
+                            (SDPBackend.EFFICIENT_ATTENTION, flags.mem_efficient_sdp_enabled()),
+                            (SDPBackend.MATH, flags.math_sdp_enabled()),
+                            (SDPBackend.CUDNN_ATTENTION, flags.cudnn_sdp_enabled())) if on]
+
+
+def scoring_attention(device):
+    """On CPU the scoring passes compute attention with plain matmuls (SDPA's math kernel):
+    at a few hundred positions the attention matrix is small, and the CPU flash kernel's
+    backward is several times slower than autograd through the matmuls. Elsewhere, and
+    for sampling, SDPA chooses. Both models of a step score with the same kernel, so the
+    KL is still exactly 0 while they are equal."""
+    if str(device) != "cpu":
+        return contextlib.nullcontext()
+    return sdpa_kernel(SDPBackend.MATH)
 
 
 def completion_hidden_states(model, rollouts: Rollouts, group_size: int = 1):

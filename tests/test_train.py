@@ -850,3 +850,33 @@ def test_a_step_counts_its_model_flops_and_utilisation(tiny_model_dir, tmp_path,
     assert record["flops"] == pytest.approx(2 * linear * tokens * passes)
     assert record["mfu"] == pytest.approx(record["flops"] / record["step_seconds"] / run.peak_flops)
     assert run.peak_flops > 0 and f"(mfu {100 * record['mfu']:.1f}%)" in train_grpo.progress_line(record, 2, 0.0)
+
+
+def test_checkpointing_keeps_prompt_sharing_with_the_same_log_probs_and_gradients(tiny_model_dir, tmp_path):
+    """Under gradient checkpointing each group's prompt still runs once: every decoder layer
+    runs twice (forward, then the recompute in backward), and log-probs and gradients equal
+    the full-sequence pass's, in which every row runs its own copy of the prompt."""
+    cfg = parse_args(tiny_args(tiny_model_dir, tmp_path, "--gradient_checkpointing", "true"))
+    policy, _, tok = train_grpo.load_policy_and_reference(cfg, "cpu", torch.float32)
+    prompts = [data.build_prompt(tok, q) for q in ("what is 1 + 2?", "what is 12 - 20? Show your work.")]
+    torch.manual_seed(0)
+    roll = engine.generate_rollouts(policy, tok, prompts, 3, 8, 1.2, engine.end_token_ids(tok, policy))
+    assert policy.training and engine.prompt_group_size(policy, 6, 3) == 3
+    layer = policy.model.layers[0]
+    calls = []
+    layer.mlp.register_forward_pre_hook(lambda module, args: calls.append(1))
+
+    def logprobs_and_grads(group):
+        policy.zero_grad(set_to_none=True)
+        calls.clear()
+        logp, _ = train_grpo.completion_logprobs(policy, roll, 1.2, group_size=group)
+        (logp * roll.completion_mask).sum().backward()
+        return logp.detach(), [p.grad.clone() for p in policy.parameters()], len(calls)
+
+    shared, shared_grads, shared_calls = logprobs_and_grads(3)
+    full, full_grads, full_calls = logprobs_and_grads(1)
+    assert (shared_calls, full_calls) == (4, 2)  # prompt and completions, each run and recomputed; full: once, twice
+    mask = roll.completion_mask
+    torch.testing.assert_close(shared[mask], full[mask], rtol=0, atol=1e-5)
+    for a, b in zip(shared_grads, full_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
