@@ -10,14 +10,12 @@ available (--sampler static | generate) for comparison and for CUDA graphs.
 It knows nothing of rewards or the loss; train_grpo.py and inference.py call it.
 """
 
-import contextlib
 import functools
 import inspect
 from typing import NamedTuple
 
 import torch
 import torch.utils.checkpoint
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 class Rollouts(NamedTuple):
@@ -249,7 +247,6 @@ def checkpointed_forward(layer, forward, *args, **kwargs):
 
     cache = next((v for v in (*args, *kwargs.values()) if isinstance(v, Cache)), None)  # GPT-2 passes it by position
     found = None if cache is None else (list(cache.layers), [dict(vars(c)) for c in cache.layers])
-    attention = attention_backends()  # backward runs outside scoring_attention: recompute with the same kernel
 
     def run(*inputs):
         if found is not None:
@@ -257,8 +254,7 @@ def checkpointed_forward(layer, forward, *args, **kwargs):
             for c, state in zip(*found):
                 c.__dict__.clear()
                 c.__dict__.update(state)
-        with sdpa_kernel(attention):
-            return forward(*inputs, **kwargs)
+        return forward(*inputs, **kwargs)
 
     return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
 
@@ -279,26 +275,6 @@ def prompt_group_size(model, rows_per_pass: int, num_generations: int) -> int:
     if rows_per_pass % num_generations or (model.training and is_checkpointing(model)):
         return 1
     return num_generations
-
-
-def attention_backends() -> list:
-    """The SDPA kernels allowed right now (scoring_attention narrows them)."""
-    flags = torch.backends.cuda
-    return [b for b, on in ((SDPBackend.FLASH_ATTENTION, flags.flash_sdp_enabled()),
-                            (SDPBackend.EFFICIENT_ATTENTION, flags.mem_efficient_sdp_enabled()),
-                            (SDPBackend.MATH, flags.math_sdp_enabled()),
-                            (SDPBackend.CUDNN_ATTENTION, flags.cudnn_sdp_enabled())) if on]
-
-
-def scoring_attention(device):
-    """On CPU the scoring passes compute attention with plain matmuls (SDPA's math kernel):
-    at a few hundred positions the attention matrix is small, and the CPU flash kernel's
-    backward is several times slower than autograd through the matmuls. Elsewhere, and
-    for sampling, SDPA chooses. Both models of a step score with the same kernel, so the
-    KL is still exactly 0 while they are equal."""
-    if str(device) != "cpu":
-        return contextlib.nullcontext()
-    return sdpa_kernel(SDPBackend.MATH)
 
 
 def completion_hidden_states(model, rollouts: Rollouts, group_size: int = 1):

@@ -438,7 +438,7 @@ def completion_logprobs(model, rollouts: engine.Rollouts, temperature: float, au
     chunks under activation checkpointing, so backward recomputes a chunk's logits instead
     of keeping all N * L * V of them."""
     input_ids, P = rollouts.input_ids, rollouts.prompt_len
-    with precision.autocast(input_ids.device, autocast), engine.scoring_attention(input_ids.device):
+    with precision.autocast(input_ids.device, autocast):
         hidden = engine.completion_hidden_states(model, rollouts, group_size)  # (N, L, H) predicts tokens P..
         targets = input_ids[:, P:]                                              # (N, L)
         N, L, H = hidden.shape
