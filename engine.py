@@ -132,6 +132,30 @@ def next_tokens(logits: torch.Tensor, temperature: float, greedy: bool) -> torch
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)  # right: never a p = 0 token
 
 
+class NonFiniteLogits(RuntimeError):
+    """The policy gave a NaN or infinite logit while sampling: its weights have diverged."""
+
+
+def check_finite(bad: torch.Tensor) -> None:
+    """One host sync per rollout, at its end, instead of one per token."""
+    if bool(bad):
+        raise NonFiniteLogits("the policy's logits hold NaN or infinity")
+
+
+class FiniteGuard:
+    """A logits processor for model.generate: notes any non-finite logit and hands on 0 in
+    its place, so torch.multinomial never meets a NaN (on CUDA that is a device-side assert,
+    which kills the process before anything can be saved)."""
+
+    def __init__(self):
+        self.bad = torch.zeros((), dtype=torch.bool)
+
+    def __call__(self, input_ids, scores):
+        finite = torch.isfinite(scores)
+        self.bad = self.bad.to(scores.device) | ~finite.all()
+        return torch.where(finite, scores, torch.zeros_like(scores))
+
+
 @torch.no_grad()
 def sample_groups(model, prompt_ids, prompt_mask, num_generations: int, max_new_tokens: int,
                   temperature: float, end_ids, pad_id: int, greedy: bool = False) -> torch.Tensor:
@@ -149,8 +173,10 @@ def sample_groups(model, prompt_ids, prompt_mask, num_generations: int, max_new_
     position = position_ids[:, -1].repeat_interleave(G, dim=0)
     ends = torch.tensor(list(end_ids), device=prompt_ids.device)
     done = torch.zeros(len(logits), dtype=torch.bool, device=prompt_ids.device)
+    bad = torch.zeros((), dtype=torch.bool, device=prompt_ids.device)
     tokens = []
     for _ in range(max_new_tokens):
+        bad |= ~torch.isfinite(logits).all()
         token = next_tokens(logits, temperature, greedy).masked_fill(done, pad_id)  # ended rows pad, as generate does
         tokens.append(token)
         done |= torch.isin(token, ends)
@@ -161,6 +187,7 @@ def sample_groups(model, prompt_ids, prompt_mask, num_generations: int, max_new_
         hidden, cache = decode(model, cache, input_ids=token[:, None], attention_mask=mask,
                                position_ids=position[:, None])
         logits = head(hidden[:, -1])
+    check_finite(bad)
     return torch.stack(tokens, dim=1) if tokens else prompt_ids.new_zeros(len(logits), 0)
 
 
@@ -203,7 +230,10 @@ def generate_rollouts(model, tokenizer, prompts, num_generations: int, max_new_t
         config = sampling_config(temperature, max_new_tokens, end_ids, tokenizer.pad_token_id, greedy)
         if sampler == "static":
             config.cache_implementation = "static"
-        completion_ids = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)[:, ids.shape[1]:]
+        guard = FiniteGuard()
+        completion_ids = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
+                                        logits_processor=[guard])[:, ids.shape[1]:]
+        check_finite(guard.bad)
     model.train(was_training)
     completion_mask, truncated = completion_mask_from_ends(completion_ids, end_ids)
     L = int(completion_mask.sum(1).max()) if completion_mask.numel() else 0  # drop columns of padding only

@@ -687,14 +687,20 @@ def train(cfg: GRPOConfig, preloaded=None) -> dict:
             if dist.is_main:
                 plumbing.write_json(paths.metrics, metrics)
         for step in range(start_step + 1, cfg.num_iterations + 1):
-            record, rows = grpo_step(run, step)
+            try:
+                record, rows = grpo_step(run, step)
+            except engine.NonFiniteLogits as err:
+                raise diverged(run, paths, step - 1, metrics, err) from None
             metrics["steps"].append(record)
             sampled = step % cfg.sample_every == 0 or step == 1
             tracker.log_step(record, rows[:3] if sampled else None)
             recent = [r["step_seconds"] for r in metrics["steps"][-20:]]
             log(dist, progress_line(record, cfg.num_iterations, (cfg.num_iterations - step) * sum(recent) / len(recent)))
             if step % cfg.eval_every == 0 or step == cfg.num_iterations:
-                run_eval(step)
+                try:
+                    run_eval(step)
+                except engine.NonFiniteLogits as err:
+                    raise diverged(run, paths, step, metrics, err) from None
             if dist.is_main:
                 plumbing.write_json(paths.metrics, metrics)
                 if sampled:
@@ -725,6 +731,19 @@ def train(cfg: GRPOConfig, preloaded=None) -> dict:
     log(dist, f"done: greedy val accuracy {first['accuracy']:.3f} (step {first['step']}) -> "
               f"{last['accuracy']:.3f} (step {last['step']}); model saved to {paths.saved_model}")
     return metrics
+
+
+def diverged(run: Run, paths, step: int, metrics: dict, err) -> plumbing.UsageError:
+    """Saves the state that gave non-finite logits apart from checkpoints/step_*, so that
+    --resume never picks it up, and returns the error that ends the run."""
+    if run.dist.is_main:
+        with precision.masters_in_model(run.optimizer):
+            plumbing.save_checkpoint(paths.checkpoints / "diverged", step, run.policy, run.optimizer, metrics,
+                                     world=run.dist.world, keep=1)
+    plumbing.barrier(run.dist)
+    return plumbing.UsageError(f"{err}: the weights have diverged. Their state after step {step} is in "
+                               f"{paths.checkpoints / 'diverged'} for inspection; resume from the last "
+                               f"checkpoint (--resume) with a lower --learning_rate")
 
 
 # How each rank's value of a step becomes the whole batch's. Ranks hold equal numbers of
@@ -764,10 +783,14 @@ def grpo_step(run: Run, step: int) -> tuple:
     # 1. a group of G completions per prompt, graded. Dynamic sampling (DAPO) keeps drawing
     #    rounds of new prompts until batch_size groups have rewards that differ: a group
     #    whose rewards are all equal has advantage 0 and would only dilute the batch.
-    problems, prompts, parts, grades = [], [], [], []
+    problems, prompts, parts, grades, diverged = [], [], [], [], False
     for r in range(cfg.max_sampling_rounds if cfg.dynamic_sampling else 1):
         round_problems = train_problems(cfg, step, run.dist, r)
-        round_prompts, rollouts, round_grades = sample_and_grade(run, round_problems)
+        try:
+            round_prompts, rollouts, round_grades = sample_and_grade(run, round_problems)
+        except engine.NonFiniteLogits:
+            diverged = True
+            break
         problems += round_problems
         prompts += round_prompts
         parts.append(rollouts)
@@ -775,6 +798,8 @@ def grpo_step(run: Run, step: int) -> tuple:
         spread = has_spread(torch.tensor([g.reward for g in grades]), G)
         if int(spread.sum()) >= cfg.batch_size:
             break
+    if plumbing.all_reduce_floats([float(diverged)], run.dist, op="max")[0] > 0:  # every rank stops together
+        raise engine.NonFiniteLogits(f"step {step}: the policy's logits hold NaN or infinity")
     gen_seconds = time.perf_counter() - start
     rewards = torch.tensor([g.reward for g in grades], dtype=torch.float32)
     advantages = group_advantages(rewards, G, cfg.scale_rewards)

@@ -880,3 +880,30 @@ def test_checkpointing_keeps_prompt_sharing_with_the_same_log_probs_and_gradient
     torch.testing.assert_close(shared[mask], full[mask], rtol=0, atol=1e-5)
     for a, b in zip(shared_grads, full_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("sampler", ["groups", "generate"])
+def test_non_finite_logits_end_the_run_with_one_line_and_the_state_kept_apart(tiny_model_dir, tmp_path, monkeypatch,
+                                                                              capsys, sampler):
+    """Weights that give NaN logits stop the run after a save, with one sentence, never a
+    device-side assert from torch.multinomial; --resume still picks the last good checkpoint."""
+    real = train_grpo.grpo_step
+
+    def poisoned(run, step):
+        if step == 2:  # as if step 1's update had overflowed
+            with torch.no_grad():
+                run.policy.model.norm.weight.fill_(float("nan"))
+        return real(run, step)
+
+    monkeypatch.setattr(train_grpo, "grpo_step", poisoned)
+    seen = []
+    monkeypatch.setattr(torch, "multinomial", lambda probs, *a, real=torch.multinomial, **k:
+                        seen.append(bool(torch.isfinite(probs).all())) or real(probs, *a, **k))
+    args = tiny_args(tiny_model_dir, tmp_path, "--num_iterations", "3", "--sampler", sampler)
+    assert train_grpo.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "logits hold NaN or infinity: the weights have diverged" in err and "--resume" in err
+    assert (tmp_path / "checkpoints" / "diverged" / "step_000001" / "trainer_state.pt").is_file()
+    assert plumbing.latest_checkpoint(tmp_path / "checkpoints").name == "step_000001"
+    assert all(seen) and (seen or sampler == "groups")  # generate's sampler never saw a NaN probability
+    assert len(steps_of(tmp_path)) == 1
