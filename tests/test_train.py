@@ -790,16 +790,21 @@ def test_dynamic_sampling_trains_only_on_groups_whose_rewards_differ(tiny_model_
                      "--num_iterations", "3", "--batch_size", "3", "--save_every", "0")
     assert train_grpo.main(args) == 0
     cfg = parse_args(args)
+    rows = [json.loads(line) for line in (tmp_path / "grpo_samples.jsonl").read_text().splitlines()]
+    lacking = 0
     for step, record, (rollouts, advantages) in zip((1, 2, 3), steps_of(tmp_path), seen):
-        drawn = [p for r in range(4) for p in train_grpo.train_problems(cfg, step, round=r)]
-        odd = [i for i, p in enumerate(drawn) if p["target"] % 2]
-        rounds = next(r + 1 for r in range(4) if len([i for i in odd if i < 3 * (r + 1)]) >= 3 or r == 3)
-        assert record["groups_sampled"] == 3 * rounds  # sampling stopped as soon as 3 groups had spread
-        assert record["groups_trained"] == min(3, len(odd)) == len(rollouts.texts) // 3
-        rewards = torch.tensor([train_grpo.grade(t, drawn[odd[i // 3]]).reward
-                                for i, t in enumerate(rollouts.texts)])
-        assert train_grpo.has_spread(rewards, 3).all()  # no trained group has zero spread
+        rewards = torch.tensor([r["reward"] for r in rows if r["step"] == step])  # every sampled group, in order
+        spread = train_grpo.has_spread(rewards, 3).tolist()
+        lacking += spread.count(False)
+        rounds = next((r + 1 for r in range(4) if sum(spread[:3 * (r + 1)]) >= 3), 4)
+        assert record["groups_sampled"] == 3 * rounds == len(spread)  # it stopped once 3 groups had spread
+        assert record["groups_trained"] == min(3, sum(spread)) == len(rollouts.texts) // 3
+        kept = [g for g, has in enumerate(spread) if has][:3]
+        drawn = [p for r in range(rounds) for p in train_grpo.train_problems(cfg, step, round=r)]
+        trained = torch.tensor([train_grpo.grade(t, drawn[kept[i // 3]]).reward for i, t in enumerate(rollouts.texts)])
+        assert train_grpo.has_spread(trained, 3).all()  # no trained group has zero spread
         assert advantages.view(-1, 3).abs().sum(1).gt(0).all()
+    assert lacking > 0  # some groups lacked spread, so the filter had something to do
     # round 0 is the plain step's draw, so a run that needs one round draws what it always drew
     assert train_grpo.train_problems(cfg, 1, round=0) == train_grpo.train_problems(cfg, 1)
 
