@@ -280,12 +280,14 @@ def phase_floors(metrics: dict, bandwidth_gbs: float) -> dict:
     G = cfg["num_generations"]
     sampled = mean("groups_sampled") * (mean("prompt_len") + G * mean("completion_len"))
     trained = mean("groups_trained") * (mean("prompt_len") + G * mean("completion_len"))
-    compute_bytes = 4 if runtime["device"].startswith("cpu (float32") and not metrics.get("cpu_autocast") else 2
+    # The device line carries precision.weights_note: what the weights are and whether masters exist.
+    float32_weights = "float32 weights" in runtime["device"]
+    compute_bytes = 4 if float32_weights and not metrics.get("cpu_autocast") else 2
     decode = mean("completion_len") * weights * compute_bytes / bandwidth
     gen_flops = 2 * weights * sampled / peak
     ref_passes = int(cfg["beta"] > 0) + int(cfg["num_inner_updates"] > 1)
     update_passes = (2 if cfg["lora_rank"] else 3) + int(cfg["gradient_checkpointing"])  # + the recompute
-    extra = 4 if cfg["master_weights"] and not runtime["device"].startswith("cpu (float32") else 0
+    extra = 4 if "master copy in the optimizer" in runtime["device"] else 0
     optimizer_bytes = runtime["trainable_params"] * (OPTIMIZER_BYTES[cfg["optimizer"]] + extra)
     return {"gen": (max(gen_flops, decode), "weights read" if decode > gen_flops else "FLOPs"),
             "ref": (2 * weights * trained * ref_passes / peak, "FLOPs"),
@@ -297,7 +299,8 @@ def print_floors(metrics: dict, ours: dict, device: str) -> None:
     bandwidth = memory_bandwidth_gbs(device, gib=1)
     floors = phase_floors(metrics, bandwidth)
     source = metrics["runtime"]["device"].split("MFU against")[-1].strip()
-    print(f"\nfloors at {source}, memory {bandwidth:.0f} GB/s (measured copy); MFU of the whole step {100 * ours['mfu']:.1f}%")
+    print(f"\nfloors at {source}, memory {bandwidth:.0f} GB/s (measured copy); "
+          f"MFU of the whole step {100 * ours['mfu']:.1f}%")
     print(f"{'phase':<10}{'measured s':>11}{'floor s':>9}{'x floor':>9}  bound by")
     for phase, name in (("gen", "generation"), ("ref", "reference"), ("train", "fwd+bwd"), ("opt", "optimizer")):
         floor, why = floors[phase]

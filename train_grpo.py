@@ -323,16 +323,17 @@ def grade(completion: str, problem: dict, no_template: bool = False) -> Grade:
 # -----------------------------------------------------------------------------
 # Problems and prompts
 
-def train_problems(cfg: GRPOConfig, step: int, dist: plumbing.Dist = plumbing.Dist(), round: int = 0) -> list[dict]:
+def train_problems(cfg: GRPOConfig, step: int, dist: plumbing.Dist = plumbing.Dist(),
+                   sampling_round: int = 0) -> list[dict]:
     """The problems of one step depend only on (seed, step): a resumed run sees the same
     ones. With N ranks the step draws N * batch_size and each rank takes its own slice.
     Dynamic sampling's later rounds continue the same draw, so round 0 is the plain step."""
     seed, n = plumbing.seed_for(cfg.seed, step), cfg.batch_size * dist.world
     if cfg.task == "countdown":
-        problems = data.generate_countdown_problems(n * (round + 1), "train", seed=seed)
+        problems = data.generate_countdown_problems(n * (sampling_round + 1), "train", seed=seed)
     else:
-        problems = data.generate_arithmetic_problems(n * (round + 1), "train", seed=seed)
-    first = round * n + dist.rank * cfg.batch_size
+        problems = data.generate_arithmetic_problems(n * (sampling_round + 1), "train", seed=seed)
+    first = sampling_round * n + dist.rank * cfg.batch_size
     return problems[first:first + cfg.batch_size]
 
 
@@ -460,6 +461,12 @@ def completion_logprobs(model, rollouts: engine.Rollouts, temperature: float, au
 # -----------------------------------------------------------------------------
 # Advantages and the loss
 
+def has_spread(rewards: torch.Tensor, num_generations: int) -> torch.Tensor:
+    """(B,) True for each group whose rewards are not all equal: the groups with a signal."""
+    groups = rewards.view(-1, num_generations)
+    return (groups != groups[:, :1]).any(dim=1)
+
+
 def group_advantages(rewards: torch.Tensor, num_generations: int, scale: bool = True,
                      eps: float = 1e-4) -> torch.Tensor:
     """(N,) rewards -> (N,) advantages, normalised within each prompt's group:
@@ -471,8 +478,8 @@ def group_advantages(rewards: torch.Tensor, num_generations: int, scale: bool = 
     centred = groups - groups.mean(dim=1, keepdim=True)
     if scale:
         centred = centred / (groups.std(dim=1, keepdim=True) + eps)
-    no_spread = (groups == groups[:, :1]).all(dim=1, keepdim=True)     # (B, 1)
-    return torch.where(no_spread, torch.zeros_like(centred), centred).view(-1)
+    spread = has_spread(rewards, num_generations)[:, None]             # (B, 1)
+    return torch.where(spread, centred, torch.zeros_like(centred)).view(-1)
 
 
 def grpo_loss(logp, old_logp, ref_logp, advantages, mask, cfg: GRPOConfig, total_sequences=None, total_tokens=None):
@@ -757,12 +764,6 @@ OVER_RANKS = {**dict.fromkeys(("reward_mean", "reward_sq", "accuracy", "format_r
                                "train_seconds", "optimizer_seconds"), "max")}
 
 
-def has_spread(rewards: torch.Tensor, num_generations: int) -> torch.Tensor:
-    """(B,) True for each group whose rewards are not all equal: the groups with a signal."""
-    groups = rewards.view(-1, num_generations)
-    return (groups != groups[:, :1]).any(dim=1)
-
-
 def sample_and_grade(run: Run, problems) -> tuple:
     """G completions of each problem, sampled from softmax(logits / T), and their grades."""
     prompts = prompts_for(run.tokenizer, problems)
@@ -783,13 +784,13 @@ def grpo_step(run: Run, step: int) -> tuple:
     # 1. a group of G completions per prompt, graded. Dynamic sampling (DAPO) keeps drawing
     #    rounds of new prompts until batch_size groups have rewards that differ: a group
     #    whose rewards are all equal has advantage 0 and would only dilute the batch.
-    problems, prompts, parts, grades, diverged = [], [], [], [], False
+    problems, prompts, parts, grades, non_finite = [], [], [], [], False
     for r in range(cfg.max_sampling_rounds if cfg.dynamic_sampling else 1):
         round_problems = train_problems(cfg, step, run.dist, r)
         try:
             round_prompts, rollouts, round_grades = sample_and_grade(run, round_problems)
         except engine.NonFiniteLogits:
-            diverged = True
+            non_finite = True
             break
         problems += round_problems
         prompts += round_prompts
@@ -798,18 +799,19 @@ def grpo_step(run: Run, step: int) -> tuple:
         spread = has_spread(torch.tensor([g.reward for g in grades]), G)
         if int(spread.sum()) >= cfg.batch_size:
             break
-    if plumbing.all_reduce_floats([float(diverged)], run.dist, op="max")[0] > 0:  # every rank stops together
+    if plumbing.all_reduce_floats([float(non_finite)], run.dist, op="max")[0] > 0:  # every rank stops together
         raise engine.NonFiniteLogits(f"step {step}: the policy's logits hold NaN or infinity")
     gen_seconds = time.perf_counter() - start
     rewards = torch.tensor([g.reward for g in grades], dtype=torch.float32)
     advantages = group_advantages(rewards, G, cfg.scale_rewards)
     # 2. the groups to train on: all of them, or with dynamic sampling the first batch_size with spread
     trained = spread.nonzero().flatten()[:cfg.batch_size].tolist() if cfg.dynamic_sampling else range(len(problems))
-    rollouts = engine.concat_rollouts(parts, run.tokenizer.pad_token_id)
+    rollouts, trained_advantages = engine.concat_rollouts(parts, run.tokenizer.pad_token_id), advantages
     if len(trained) < len(problems):
-        rollouts = rollouts.rows([g * G + j for g in trained for j in range(G)])
+        keep = [g * G + j for g in trained for j in range(G)]
+        rollouts, trained_advantages = rollouts.rows(keep), advantages[keep]
     # 3. log-probs, the clipped loss with its KL, and the optimizer step
-    update = policy_update(run, rollouts, advantages.view(-1, G)[list(trained)].flatten().to(rollouts.input_ids.device))
+    update = policy_update(run, rollouts, trained_advantages.to(rollouts.input_ids.device))
     lengths = torch.cat([r.completion_mask.sum(1).float() for r in parts])
     truncated = torch.cat([r.truncated.float() for r in parts])
     prompt_lens = torch.cat([r.attention_mask[::G, :r.prompt_len].sum(1).float() for r in parts])
@@ -820,7 +822,8 @@ def grpo_step(run: Run, step: int) -> tuple:
         "zero_spread_frac": float(1 - spread.float().mean()),
         "groups_sampled": len(problems), "groups_trained": len(trained),
         "completion_len": float(lengths.mean()), "truncated_frac": float(truncated.mean()),
-        "prompt_len": float(prompt_lens.mean()), "flops": step_flops(run, parts, rollouts), **update, "learning_rate": run.optimizer.param_groups[0]["lr"],
+        "prompt_len": float(prompt_lens.mean()), "flops": step_flops(run, parts, rollouts),
+        **update, "learning_rate": run.optimizer.param_groups[0]["lr"],
         "step_seconds": time.perf_counter() - start, "gen_seconds": gen_seconds,
         "peak_memory_gb": plumbing.peak_memory_gb(rollouts.input_ids.device),
     }, OVER_RANKS, run.dist)

@@ -800,13 +800,13 @@ def test_dynamic_sampling_trains_only_on_groups_whose_rewards_differ(tiny_model_
         assert record["groups_sampled"] == 3 * rounds == len(spread)  # it stopped once 3 groups had spread
         assert record["groups_trained"] == min(3, sum(spread)) == len(rollouts.texts) // 3
         kept = [g for g, has in enumerate(spread) if has][:3]
-        drawn = [p for r in range(rounds) for p in train_grpo.train_problems(cfg, step, round=r)]
+        drawn = [p for r in range(rounds) for p in train_grpo.train_problems(cfg, step, sampling_round=r)]
         trained = torch.tensor([train_grpo.grade(t, drawn[kept[i // 3]]).reward for i, t in enumerate(rollouts.texts)])
         assert train_grpo.has_spread(trained, 3).all()  # no trained group has zero spread
         assert advantages.view(-1, 3).abs().sum(1).gt(0).all()
     assert lacking > 0  # some groups lacked spread, so the filter had something to do
     # round 0 is the plain step's draw, so a run that needs one round draws what it always drew
-    assert train_grpo.train_problems(cfg, 1, round=0) == train_grpo.train_problems(cfg, 1)
+    assert train_grpo.train_problems(cfg, 1, sampling_round=0) == train_grpo.train_problems(cfg, 1)
 
 
 def test_a_step_whose_groups_all_lack_spread_skips_its_update_and_says_so(tiny_model_dir, tmp_path, monkeypatch,
