@@ -1,17 +1,21 @@
 """The rollout engine: token ids in, completions out, drawn exactly as the loss scores them.
 
-What it buys: each prompt is prefilled once and its KV cache repeated for its G
-completions, tokens are drawn from softmax(logits / T) with no logit processors, and the
-loop stops at the step where the last row has ended. The scoring passes reuse the idea:
-a group's prompt runs once and its keys and values serve all G completions. What it
-costs: an eager decode loop of our own beside transformers' generate, which stays
-available (--sampler static | generate) for comparison and for CUDA graphs.
+What it buys: each prompt is prefilled once into a KV cache of its G completions,
+tokens are drawn from softmax(logits / T) with no logit processors, and the loop stops
+when the last row has ended. The cache is allocated once per shape and written in place,
+so the one-token decode step can be compiled (--compile; on CUDA into CUDA graphs that
+are recorded once per shape, not per call). The scoring passes reuse the idea: a
+group's prompt runs once and its keys and values serve all G completions. What it
+costs: a decode loop of our own beside transformers' generate, which stays available
+(--sampler static | generate) for comparison, and attention over a cache rounded up to
+LENGTH_BUCKET positions.
 
 It knows nothing of rewards or the loss; train_grpo.py and inference.py call it.
 """
 
 import functools
 import inspect
+import weakref
 from typing import NamedTuple
 
 import torch
@@ -109,12 +113,14 @@ def decode(model, cache=None, **inputs) -> tuple:
 
 
 def choose_sampler(name: str, device) -> str:
-    """auto: a static, compiled KV cache on CUDA, where one decode step is a few ms of
-    kernel launches that CUDA graphs remove; our shared-prefix loop on CPU, where compiling
-    costs more than it buys."""
-    if name != "auto":
-        return name
-    return "static" if str(device).startswith("cuda") else "groups"
+    """auto: our shared-prompt loop on a static KV cache (groups), on every device."""
+    return "groups" if name == "auto" else name
+
+
+def choose_compile(flag: str, device) -> bool:
+    """auto: compile the decode step on CUDA, where a step is a few ms of kernel launches
+    that CUDA graphs replay as one; not on CPU, where compiling costs more than it buys."""
+    return flag == "on" or (flag == "auto" and str(device).startswith("cuda"))
 
 
 def next_tokens(logits: torch.Tensor, temperature: float, greedy: bool) -> torch.Tensor:
@@ -156,37 +162,153 @@ class FiniteGuard:
         return torch.where(finite, scores, torch.zeros_like(scores))
 
 
+# -----------------------------------------------------------------------------
+# The sampler's KV cache: allocated once per shape, written in place.
+
+LENGTH_BUCKET = 64  # cache lengths are rounded up to a multiple of this: a run meets a few shapes, not one per prompt
+SYNC_EVERY_CUDA = 8  # on CUDA, ask "has every row ended?" every this many tokens: each ask stalls the launch queue
+
+
+class StaticKV:
+    """Keys and values of N rows for up to `length` positions, in buffers allocated once
+    and written in place, with the mask of the positions a row attends to. The decode
+    step then has one shape and its tensors one address, which torch.compile and CUDA
+    graphs need (a DynamicCache grows by a torch.cat per token, and generate's static
+    cache is built anew on every call). The prompt is written once per group: a prefill
+    of B prompts fills the cache's B * G rows (`repeats`)."""
+
+    def __init__(self, rows: int, length: int, num_layers: int, device):
+        # Not a transformers Cache: its internals move between releases, and the decoder
+        # needs only update() (and get_seq_length() on transformers 4).
+        self.rows, self.length, self.device = rows, length, device
+        self.keys, self.values = [None] * num_layers, [None] * num_layers  # allocated at the first prefill
+        self.column = torch.zeros(1, dtype=torch.long, device=device)  # where the next token's keys go
+        self.valid = torch.zeros(rows, length, dtype=torch.bool, device=device)  # the positions rows attend to
+        self.repeats = 0  # > 0 while prefilling: each row in stands for this many rows of the cache
+        self.visible = length  # positions attention reads: all when compiled (one shape), the filled ones when eager
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if self.repeats:  # prefill: B prompts in, each written for its G completions; attend to the prompt
+            if self.keys[layer_idx] is None or self.keys[layer_idx].dtype != key_states.dtype:
+                self.keys[layer_idx] = key_states.new_zeros(self.rows, key_states.shape[1], self.length,
+                                                            key_states.shape[3])
+                self.values[layer_idx] = value_states.new_zeros(self.rows, value_states.shape[1], self.length,
+                                                                value_states.shape[3])
+            P = key_states.shape[2]
+            self.keys[layer_idx][:, :, :P] = key_states.repeat_interleave(self.repeats, dim=0)
+            self.values[layer_idx][:, :, :P] = value_states.repeat_interleave(self.repeats, dim=0)
+            return key_states, value_states
+        self.keys[layer_idx].index_copy_(2, self.column, key_states)
+        self.values[layer_idx].index_copy_(2, self.column, value_states)
+        return self.keys[layer_idx][:, :, :self.visible], self.values[layer_idx][:, :, :self.visible]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0  # transformers 4 derives cache positions from it, which update() does not read
+
+
+def attention_mask(model, allowed: torch.Tensor) -> torch.Tensor:
+    """A boolean (rows, 1, queries, keys) mask as this model's attention wants it, handed in
+    4-D so transformers uses it as it is: SDPA takes True = attend, eager attention adds
+    0 or the dtype's minimum."""
+    if getattr(model.config, "_attn_implementation", "sdpa") == "sdpa":
+        return allowed
+    low = torch.finfo(model.dtype).min
+    return torch.zeros(allowed.shape, dtype=model.dtype, device=allowed.device).masked_fill_(~allowed, low)
+
+
+def prefill(model, kv: StaticKV, prompt_ids, prompt_mask, position_ids, repeats: int) -> torch.Tensor:
+    """Runs B left-padded prompts once and writes their keys and values into the cache's
+    B * repeats rows: -> (B, P, H) last hidden states. A padding position attends to itself
+    only: a row that attends to nothing gives NaN, which the next layer's keys would spread."""
+    P = prompt_ids.shape[1]
+    causal = torch.ones(P, P, dtype=torch.bool, device=prompt_ids.device).tril()
+    allowed = (causal[None] & prompt_mask[:, None, :].bool()) | torch.eye(P, dtype=torch.bool, device=causal.device)
+    kv.repeats = repeats
+    try:
+        hidden, _ = decode(model, kv, input_ids=prompt_ids, attention_mask=attention_mask(model, allowed[:, None]),
+                           position_ids=position_ids)
+    finally:
+        kv.repeats = 0
+    kv.valid.zero_()
+    kv.valid[:, :P] = prompt_mask.bool().repeat_interleave(repeats, dim=0)
+    kv.column.fill_(P)
+    return hidden
+
+
+def decode_step(model, cache_name: str, kv: StaticKV, token, position) -> torch.Tensor:
+    """One token per row through the decoder and the output head, against the static cache:
+    (N,) tokens at (N,) positions -> (N, V) logits. The function torch.compile compiles."""
+    kv.valid.index_fill_(1, kv.column, True)  # the new token attends to itself
+    out = model.base_model(input_ids=token[:, None], position_ids=position[:, None], use_cache=True,
+                           attention_mask=attention_mask(model, kv.valid[:, None, None, :kv.visible]), **{cache_name: kv})
+    kv.column += 1
+    return model.get_output_embeddings()(out.last_hidden_state[:, -1])
+
+
+COMPILE_BACKEND = None  # torch.compile's backend; None = inductor (tests swap in a counting one)
+
+
+class Decoder(NamedTuple):
+    step: object   # decode_step, compiled or not
+    caches: dict   # (rows, length) -> StaticKV
+    compiled: bool
+
+
+_decoders = weakref.WeakKeyDictionary()  # model -> Decoder, so caches and graphs live as long as the model
+
+
+def decoder_for(model, compiled: bool) -> Decoder:
+    """The model's decode step and caches, made once. Compiled, each cache shape is one
+    graph, recorded the first time it is met (on CUDA as a CUDA graph: mode reduce-overhead)."""
+    decoder = _decoders.get(model)
+    if decoder is None or decoder.compiled != compiled:
+        step = decode_step
+        if compiled:
+            device = next(model.parameters()).device
+            mode = "reduce-overhead" if device.type == "cuda" and COMPILE_BACKEND is None else None
+            step = torch.compile(decode_step, backend=COMPILE_BACKEND or "inductor", mode=mode, dynamic=False)
+        decoder = _decoders[model] = Decoder(step, {}, compiled)
+    return decoder
+
+
+def static_cache(model, decoder: Decoder, rows: int, length: int) -> StaticKV:
+    length = -(-length // LENGTH_BUCKET) * LENGTH_BUCKET
+    if (rows, length) not in decoder.caches:
+        kv = StaticKV(rows, length, model.config.num_hidden_layers, next(model.parameters()).device)
+        decoder.caches[(rows, length)] = kv
+    return decoder.caches[(rows, length)]
+
+
 @torch.no_grad()
 def sample_groups(model, prompt_ids, prompt_mask, num_generations: int, max_new_tokens: int,
-                  temperature: float, end_ids, pad_id: int, greedy: bool = False) -> torch.Tensor:
+                  temperature: float, end_ids, pad_id: int, greedy: bool = False, compiled: bool = False) -> torch.Tensor:
     """(B * G, <= max_new_tokens) completion ids, rows grouped by prompt: each prompt
-    prefilled once, its KV cache repeated for its G completions, then one token per row per
-    step until every row has ended. Eager, so on a GPU each decode step pays its kernel
-    launches."""
-    G = num_generations
-    head = model.get_output_embeddings()
+    prefilled once into a static cache of its G completions, then one token per row per
+    step (`decode_step`, compiled or eager) until every row has ended."""
+    G, device = num_generations, prompt_ids.device
+    decoder = decoder_for(model, compiled)
+    kv = static_cache(model, decoder, len(prompt_ids) * G, prompt_ids.shape[1] + max_new_tokens)
+    kv.visible = kv.length
     position_ids = positions_of(prompt_mask)
-    hidden, cache = decode(model, input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids)
-    cache.batch_repeat_interleave(G)                                          # (B, ...) -> (B * G, ...)
-    logits = head(hidden[:, -1]).repeat_interleave(G, dim=0)                  # (N, V)
-    mask = prompt_mask.repeat_interleave(G, dim=0)
+    hidden = prefill(model, kv, prompt_ids, prompt_mask, position_ids, G)
+    logits = model.get_output_embeddings()(hidden[:, -1]).repeat_interleave(G, dim=0)  # (N, V)
     position = position_ids[:, -1].repeat_interleave(G, dim=0)
-    ends = torch.tensor(list(end_ids), device=prompt_ids.device)
-    done = torch.zeros(len(logits), dtype=torch.bool, device=prompt_ids.device)
-    bad = torch.zeros((), dtype=torch.bool, device=prompt_ids.device)
+    ends = torch.tensor(list(end_ids), device=device)
+    done = torch.zeros(len(logits), dtype=torch.bool, device=device)
+    bad = torch.zeros((), dtype=torch.bool, device=device)
+    sync_every = SYNC_EVERY_CUDA if device.type == "cuda" else 1
     tokens = []
     for _ in range(max_new_tokens):
         bad |= ~torch.isfinite(logits).all()
         token = next_tokens(logits, temperature, greedy).masked_fill(done, pad_id)  # ended rows pad, as generate does
         tokens.append(token)
         done |= torch.isin(token, ends)
-        if len(tokens) == max_new_tokens or bool(done.all()):
+        if len(tokens) == max_new_tokens or (len(tokens) % sync_every == 0 and bool(done.all())):
             break
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         position = position + 1
-        hidden, cache = decode(model, cache, input_ids=token[:, None], attention_mask=mask,
-                               position_ids=position[:, None])
-        logits = head(hidden[:, -1])
+        if not compiled:  # eager: attend to the filled positions only, a shape per step costs nothing
+            kv.visible = prompt_ids.shape[1] + len(tokens)
+        logits = decoder.step(model, _cache_name(type(model.base_model)), kv, token, position)
     check_finite(bad)
     return torch.stack(tokens, dim=1) if tokens else prompt_ids.new_zeros(len(logits), 0)
 
@@ -209,9 +331,10 @@ STATIC_BUCKET = 32  # static-cache prompts padded to a multiple of this: a run c
 
 @torch.no_grad()
 def generate_rollouts(model, tokenizer, prompts, num_generations: int, max_new_tokens: int,
-                      temperature: float, end_ids, greedy: bool = False, sampler: str = "auto") -> Rollouts:
+                      temperature: float, end_ids, greedy: bool = False, sampler: str = "auto",
+                      compiled: bool = False) -> Rollouts:
     """G completions of each prompt, rows grouped by prompt, with one of three samplers:
-    groups (sample_groups), static (model.generate on a static KV cache, which transformers
+    groups (sample_groups, its decode step compiled if `compiled`), static (model.generate on a static KV cache, which transformers
     compiles into CUDA graphs on a GPU) or generate (model.generate with a dynamic cache on
     G copies of each prompt: the plain reference). Runs under the caller's autocast."""
     device = next(model.parameters()).device
@@ -222,7 +345,7 @@ def generate_rollouts(model, tokenizer, prompts, num_generations: int, max_new_t
     if sampler == "groups":
         ids, mask = encode_prompts(tokenizer, prompts, device)
         completion_ids = sample_groups(model, ids, mask, G, max_new_tokens, temperature, end_ids,
-                                       tokenizer.pad_token_id, greedy)
+                                       tokenizer.pad_token_id, greedy, compiled)
         ids, mask = ids.repeat_interleave(G, dim=0), mask.repeat_interleave(G, dim=0)
     else:
         batch = [p for p in prompts for _ in range(G)]

@@ -101,7 +101,8 @@ class GRPOConfig:
     lora_rank: int = 0                    # LoRA adapters of this rank train instead of every weight (peft); 0 = full fine-tuning
     lora_alpha: float = 32.0              # LoRA scale: adapters add (lora_alpha / lora_rank) * B A to each weight
     lora_target_modules: str = "all-linear"  # comma-separated module names to adapt (q_proj,v_proj), or all-linear
-    sampler: str = "auto"                 # auto | groups | static | generate: rollout sampler (auto = static on CUDA, groups on CPU)
+    sampler: str = "auto"                 # auto | groups | static | generate: rollout sampler (auto = groups: ours, on a static KV cache)
+    compile: str = "auto"                 # auto | on | off: torch.compile the groups sampler's decode step (auto = on with CUDA only: on CPU compiling costs more than it buys)
     dist_timeout_minutes: int = 10        # torchrun: a rank that waits this long for the others fails instead of hanging
 
 
@@ -126,7 +127,8 @@ PRESETS = {
 CHOICES = {"task": data.TASKS, "preset": ("", *PRESETS), "loss_type": ("grpo", "dr_grpo", "dapo"),
            "device": ("auto", "cuda", "cpu"), "dtype": ("auto", "bfloat16", "float32"),
            "cpu_autocast": ("auto", "on", "off"), "optimizer": ("adamw8bit", "adamw"),
-           "sampler": ("auto", "groups", "static", "generate"), "report_to": tracking.BACKENDS}
+           "sampler": ("auto", "groups", "static", "generate"), "compile": ("auto", "on", "off"),
+           "report_to": tracking.BACKENDS}
 FIELD_HELP = {}  # filled from the trailing comments above, so --help and the source agree
 
 
@@ -410,6 +412,7 @@ class Run(NamedTuple):
     dist: plumbing.Dist = plumbing.Dist()
     matmul_params: int = 0                   # weights in matmuls (the output head, not the embedding lookup)
     peak_flops: float = 0.0                  # FLOP/s that MFU is measured against
+    compiled: bool = False                   # the groups sampler's decode step runs compiled
 
     @property
     def no_template(self) -> bool:
@@ -557,8 +560,9 @@ def evaluate(run: Run, problems) -> dict:
     cfg, dist = run.cfg, run.dist
     mine = problems[dist.rank::dist.world]
     size = max(1, min(cfg.eval_batch_size, len(mine)))  # a rank may hold no problems at all
-    # A static cache compiles per batch shape, so a short last chunk is topped up with copies.
-    static = engine.choose_sampler(cfg.sampler, run.policy.device) == "static"
+    # A compiled sampler records a graph per batch shape, so a short last chunk is topped up with copies.
+    sampler = engine.choose_sampler(cfg.sampler, run.policy.device)
+    static = sampler == "static" or (sampler == "groups" and run.compiled)
     texts = []
     for i in range(0, len(mine), size):
         prompts = prompts_for(run.tokenizer, mine[i:i + size])
@@ -567,7 +571,8 @@ def evaluate(run: Run, problems) -> dict:
             prompts += prompts[-1:] * (size - n)
         with plumbing.lora_merged(run.policy), precision.autocast(run.policy.device, run.autocast):
             texts += engine.generate_rollouts(run.policy, run.tokenizer, prompts, 1, cfg.max_new_tokens, 1.0,
-                                              run.end_ids, greedy=True, sampler=cfg.sampler).texts[:n]
+                                              run.end_ids, greedy=True, sampler=cfg.sampler,
+                                              compiled=run.compiled).texts[:n]
     parts = plumbing.gather_objects(texts, dist)
     texts = [parts[i % dist.world][i // dist.world] for i in range(len(problems))]  # back in val order
     grades = [grade(text, problem, run.no_template) for problem, text in zip(problems, texts)]
@@ -645,16 +650,18 @@ def start_run(cfg: GRPOConfig, preloaded=None) -> tuple:
     autocast = torch.bfloat16 if rank0_on else None
     metrics["cpu_autocast"] = rank0_on
     sampler = engine.choose_sampler(cfg.sampler, device)
+    compiled = sampler == "groups" and engine.choose_compile(cfg.compile, device)
+    sampler += " sampler" + (", compiled decode step" if compiled else "")
     processes = f"; {dist.world} processes ({torch.distributed.get_backend()})" if dist.world > 1 else ""
     peak, source = precision.peak_flops(device, autocast or dtype, getattr(policy.config, "hidden_size", 1024))
     matmul_params = sum(m.weight.numel() for m in policy.modules() if isinstance(m, torch.nn.Linear))
-    metrics["runtime"] = {"device": f"{device_line}{f', {why}' if why else ''}; {sampler} sampler{processes}; "
+    metrics["runtime"] = {"device": f"{device_line}{f', {why}' if why else ''}; {sampler}{processes}; "
                                     f"MFU against {peak / 1e12:.3g} TFLOP/s ({source})",
                           "peak_flops": peak, "matmul_params": matmul_params,
                           "trainable_params": sum(p.numel() for p in policy.parameters() if p.requires_grad),
                           **plumbing.provenance()}
     run = Run(cfg, policy, tokenizer, engine.end_token_ids(tokenizer, policy), ref_model, optimizer, autocast, dist,
-              matmul_params, peak)
+              matmul_params, peak, compiled)
     log(dist, f"device: {metrics['runtime']['device']}")
     trainable = metrics["runtime"]["trainable_params"]
     lora = f", {trainable / 1e6:.2f}M in LoRA rank-{cfg.lora_rank} adapters train" if cfg.lora_rank else ""
@@ -770,7 +777,7 @@ def sample_and_grade(run: Run, problems) -> tuple:
     with plumbing.lora_merged(run.policy), precision.autocast(run.policy.device, run.autocast):
         rollouts = engine.generate_rollouts(run.policy, run.tokenizer, prompts, run.cfg.num_generations,
                                             run.cfg.max_new_tokens, run.cfg.temperature, run.end_ids,
-                                            sampler=run.cfg.sampler)
+                                            sampler=run.cfg.sampler, compiled=run.compiled)
     G = run.cfg.num_generations
     return prompts, rollouts, [grade(text, problems[i // G], run.no_template) for i, text in enumerate(rollouts.texts)]
 
