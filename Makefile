@@ -1,6 +1,6 @@
 # make train : set up .venv on first use, then train the bundled model on CPU (--preset cpu)
 # make test  : set up .venv on first use, then run the test suite
-# make test-compat : the sampler, precision, checkpoint and resume tests on older transformers
+# make test-compat : the sampler (compiled too), precision, checkpoint and resume tests on older transformers
 #                    (the oldest line requirements.txt admits, and the GPU machine's), one venv each
 # make clean : remove run outputs (keeps .venv)
 VENV ?= .venv
@@ -8,8 +8,8 @@ PY := $(VENV)/bin/python
 TRAIN_ARGS ?= --preset cpu
 
 COMPAT ?= 4.56.2 5.17.0
-COMPAT_TESTS ?= tests/test_precision.py tests/test_loss.py tests/test_train.py \
-	-k "sampl or generat or logprob or resume or checkpoint or sigterm or ctrl_c or torn or bf16"
+COMPAT_TESTS ?= tests/test_precision.py tests/test_loss.py tests/test_train.py tests/test_engine.py \
+	-k "sampl or generat or compiled or logprob or resume or checkpoint or sigterm or ctrl_c or torn or bf16"
 
 .PHONY: setup train test test-compat clean
 

@@ -166,7 +166,6 @@ class FiniteGuard:
 # The sampler's KV cache: allocated once per shape, written in place.
 
 LENGTH_BUCKET = 64  # cache lengths are rounded up to a multiple of this: a run meets a few shapes, not one per prompt
-SYNC_EVERY_CUDA = 8  # on CUDA, ask "has every row ended?" every this many tokens: each ask stalls the launch queue
 
 
 class StaticKV:
@@ -184,6 +183,7 @@ class StaticKV:
         self.keys, self.values = [None] * num_layers, [None] * num_layers  # allocated at the first prefill
         self.column = torch.zeros(1, dtype=torch.long, device=device)  # where the next token's keys go
         self.valid = torch.zeros(rows, length, dtype=torch.bool, device=device)  # the positions rows attend to
+        static_addresses(self.column, self.valid)
         self.repeats = 0  # > 0 while prefilling: each row in stands for this many rows of the cache
         self.visible = length  # positions attention reads: all when compiled (one shape), the filled ones when eager
 
@@ -194,6 +194,7 @@ class StaticKV:
                                                             key_states.shape[3])
                 self.values[layer_idx] = value_states.new_zeros(self.rows, value_states.shape[1], self.length,
                                                                 value_states.shape[3])
+                static_addresses(self.keys[layer_idx], self.values[layer_idx])
             P = key_states.shape[2]
             self.keys[layer_idx][:, :, :P] = key_states.repeat_interleave(self.repeats, dim=0)
             self.values[layer_idx][:, :, :P] = value_states.repeat_interleave(self.repeats, dim=0)
@@ -204,6 +205,13 @@ class StaticKV:
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0  # transformers 4 derives cache positions from it, which update() does not read
+
+
+def static_addresses(*tensors) -> None:
+    """Tells torch.compile these tensors keep their address from call to call, so a CUDA
+    graph may write into them in place (it skips graphs that mutate any other input)."""
+    for t in tensors:
+        torch._dynamo.mark_static_address(t)
 
 
 def attention_mask(model, allowed: torch.Tensor) -> torch.Tensor:
@@ -239,10 +247,18 @@ def decode_step(model, cache_name: str, kv: StaticKV, token, position) -> torch.
     """One token per row through the decoder and the output head, against the static cache:
     (N,) tokens at (N,) positions -> (N, V) logits. The function torch.compile compiles."""
     kv.valid.index_fill_(1, kv.column, True)  # the new token attends to itself
-    out = model.base_model(input_ids=token[:, None], position_ids=position[:, None], use_cache=True,
-                           attention_mask=attention_mask(model, kv.valid[:, None, None, :kv.visible]), **{cache_name: kv})
+    mask = attention_mask(model, kv.valid[:, None, None, :kv.visible])
+    out = model.base_model(input_ids=token[:, None], position_ids=position[:, None], attention_mask=mask,
+                           use_cache=True, **{cache_name: kv})
     kv.column += 1
     return model.get_output_embeddings()(out.last_hidden_state[:, -1])
+
+
+def sync_interval(device) -> int:
+    """Tokens between asks of "has every row ended?". On CUDA each ask makes the host wait
+    for the GPU, and the queue of launched kernels runs dry; after the last row ends the
+    extra steps only write padding. On CPU an ask costs nothing."""
+    return 8 if device.type == "cuda" else 1
 
 
 COMPILE_BACKEND = None  # torch.compile's backend; None = inductor (tests swap in a counting one)
@@ -296,7 +312,7 @@ def sample_groups(model, prompt_ids, prompt_mask, num_generations: int, max_new_
     ends = torch.tensor(list(end_ids), device=device)
     done = torch.zeros(len(logits), dtype=torch.bool, device=device)
     bad = torch.zeros((), dtype=torch.bool, device=device)
-    sync_every = SYNC_EVERY_CUDA if device.type == "cuda" else 1
+    sync_every = sync_interval(device)
     tokens = []
     for _ in range(max_new_tokens):
         bad |= ~torch.isfinite(logits).all()

@@ -31,7 +31,7 @@ COMPARED = ("reward_mean", "reward_std", "accuracy", "format_rate", "zero_spread
 
 
 def fixed_rollouts(model, tokenizer, prompts, num_generations, max_new_tokens, temperature, end_ids,
-                   greedy=False, sampler="auto"):
+                   greedy=False, sampler="auto", compiled=False):
     """Random completions seeded by the prompt's text: the same whichever process draws
     them and whatever else is in its batch. Rows end at different lengths, some never."""
     tokenizer.padding_side = "left"

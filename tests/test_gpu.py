@@ -10,6 +10,9 @@ import pytest
 import torch
 
 import bench
+import data
+import engine
+import precision
 import train_grpo
 from train_grpo import parse_args
 
@@ -66,3 +69,53 @@ def test_bf16_with_master_weights_raises_the_objective_as_float32_does(shape="qw
     print(f"objective over 4 updates: bf16 + masters {bf16}, float32 {fp32}")
     gain_bf16, gain_fp32 = bf16[-1] - bf16[0], fp32[-1] - fp32[0]
     assert gain_fp32 > 0 and gain_bf16 == pytest.approx(gain_fp32, rel=0.5)
+
+
+def count_cuda_graph_recordings(monkeypatch) -> list:
+    """One entry per CUDA graph that inductor's graph trees record (reduce-overhead)."""
+    from torch._inductor import cudagraph_trees
+
+    recorded, real = [], cudagraph_trees.CUDAGraphTreeManager.record_function
+    monkeypatch.setattr(cudagraph_trees.CUDAGraphTreeManager, "record_function",
+                        lambda self, *a, **k: recorded.append(1) or real(self, *a, **k))
+    return recorded
+
+
+def test_cuda_graphs_read_the_weights_after_updates_and_after_the_master_swap(tiny_model_dir, varied_rewards):
+    """A CUDA graph replays the weight addresses it captured: bf16 weights updated in place
+    through float32 masters, and swapped for the masters while saving, must still be what
+    the compiled sampler reads."""
+    torch._dynamo.reset()
+    cfg = parse_args(["--model", tiny_model_dir, "--preset", "none", "--task", "arithmetic", "--device", "cuda",
+                      "--batch_size", "3", "--num_generations", "4", "--max_new_tokens", "12", "--learning_rate",
+                      "1e-2", "--optimizer", "adamw", "--beta", "0", "--compile", "on"])
+    policy, _, tok = train_grpo.load_policy_and_reference(cfg, "cuda", torch.bfloat16)
+    run = train_grpo.Run(cfg, policy, tok, engine.end_token_ids(tok, policy),
+                         optimizer=precision.make_optimizer(cfg, policy), peak_flops=1e12, compiled=True)
+    prompts = train_grpo.prompts_for(tok, data.generate_arithmetic_problems(3, seed=2))
+
+    def sample(compiled):
+        torch.manual_seed(3)
+        return engine.generate_rollouts(policy, tok, prompts, 4, 12, 1.2, run.end_ids, compiled=compiled).input_ids
+
+    before = sample(True)
+    for step in (1, 2):
+        train_grpo.grpo_step(run, step)
+    with precision.masters_in_model(run.optimizer):
+        pass
+    assert torch.equal(sample(True), sample(False))
+    assert not torch.equal(sample(True), before)
+
+
+def test_cuda_graph_recordings_stay_constant_over_20_steps(tiny_model_dir, tmp_path, monkeypatch, varied_rewards):
+    torch._dynamo.reset()
+    recorded, counts = count_cuda_graph_recordings(monkeypatch), []
+    real = train_grpo.grpo_step
+    monkeypatch.setattr(train_grpo, "grpo_step", lambda *a: (r := real(*a), counts.append(len(recorded)))[0])
+    argv = ["--model", tiny_model_dir, "--preset", "none", "--task", "arithmetic", "--device", "cuda",
+            "--num_iterations", "20", "--batch_size", "2", "--num_generations", "4", "--max_new_tokens", "16",
+            "--eval_size", "104", "--eval_batch_size", "8", "--eval_every", "5", "--save_every", "10",
+            "--compile", "on", "--output_dir", str(tmp_path)]
+    assert train_grpo.main(argv) == 0
+    print(f"CUDA-graph recordings after each of 20 steps: {counts}")
+    assert counts[0] > 0 and counts[-1] == counts[1], counts  # after step 1 and the first eval: no more

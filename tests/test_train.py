@@ -371,15 +371,19 @@ def test_group_sampler_stops_at_the_step_the_last_row_ends(qwen_sampling_model_d
     assert not roll.truncated.any()
 
 
-@pytest.mark.parametrize("sampler", ["static", "groups"])
-def test_sampler_sees_weights_the_optimizer_changed_in_place(qwen_sampling_model_dir, sampler):
-    """A static cache compiled into CUDA graphs captures weight addresses, not values: the
-    optimizer must update the weights in place and the sampler must see the new ones. On CPU
-    the same code runs eagerly; on a GPU this test would replay the captured graphs."""
+@pytest.mark.parametrize("sampler, compiled", [("static", False), ("groups", False), ("groups", True)])
+def test_sampler_sees_weights_the_optimizer_changed_in_place(qwen_sampling_model_dir, sampler, compiled, monkeypatch):
+    """A decode step compiled into CUDA graphs captures weight addresses, not values: the
+    optimizer must update the weights in place and the sampler must see the new ones. Here
+    the groups sampler's step is compiled (aot_eager: parameters are graph inputs, as under
+    inductor); transformers' static generate runs eagerly on CPU."""
+    torch._dynamo.reset()
+    monkeypatch.setattr(engine, "COMPILE_BACKEND", "aot_eager")
     model, tok = plumbing.load_model_and_tokenizer(qwen_sampling_model_dir, torch.float32)
     prompt = train_grpo.prompts_for(tok, data.generate_arithmetic_problems(1, seed=5))[0]
     end_ids = engine.end_token_ids(tok, model)
-    before = engine.generate_rollouts(model, tok, [prompt], 1, 12, 1.0, end_ids, greedy=True, sampler=sampler)
+    before = engine.generate_rollouts(model, tok, [prompt], 1, 12, 1.0, end_ids, greedy=True, sampler=sampler,
+                                      compiled=compiled)
     # Teach it another answer, in place (Adam writes into the parameters it holds).
     seven = tok("7", add_special_tokens=False)["input_ids"][0]
     target = before._replace(input_ids=before.input_ids.clone())
@@ -390,7 +394,8 @@ def test_sampler_sees_weights_the_optimizer_changed_in_place(qwen_sampling_model
         optimizer.zero_grad()
         logp.sum().neg().backward()
         optimizer.step()
-    after = engine.generate_rollouts(model, tok, [prompt], 1, 12, 1.0, end_ids, greedy=True, sampler=sampler)
+    after = engine.generate_rollouts(model, tok, [prompt], 1, 12, 1.0, end_ids, greedy=True, sampler=sampler,
+                                     compiled=compiled)
     P = after.prompt_len
     expected = reference_decode(model, after.input_ids[:, :P], 12, 1.0, greedy=True)
     got = after.input_ids[:, P:]
@@ -578,18 +583,19 @@ def test_eval_reports_an_interval_and_accuracy_per_operator(tiny_model_dir, monk
     assert "95% CI 0.29-0.47" in line and "+ 1.00" in line and "- 0.00" in line
 
 
-@pytest.mark.parametrize("sampler, sizes", [
-    ("static", [16] * 7),            # one batch shape: the last 8 are topped up to 16, so nothing compiles twice
-    ("groups", [16] * 6 + [8]),      # eager: no copies to pay for
+@pytest.mark.parametrize("sampler, compiled, sizes", [
+    ("static", False, [16] * 7),     # one batch shape: the last 8 are topped up to 16, so nothing compiles twice
+    ("groups", True, [16] * 7),      # the same for our compiled decode step
+    ("groups", False, [16] * 6 + [8]),  # eager: no copies to pay for
 ])
-def test_static_eval_keeps_one_batch_shape_and_the_same_answers(tiny_model_dir, monkeypatch, sampler, sizes):
+def test_static_eval_keeps_one_batch_shape_and_the_same_answers(tiny_model_dir, monkeypatch, sampler, compiled, sizes):
     model, tok = plumbing.load_model_and_tokenizer(tiny_model_dir, torch.float32)
     val = data.generate_arithmetic_problems(200, "val", unique=True)  # all 104
     seen = []
     monkeypatch.setattr(engine, "generate_rollouts", right_only_on("-", val, seen))
     cfg = parse_args(["--model", tiny_model_dir, "--preset", "none", "--task", "arithmetic",
                       "--eval_batch_size", "16", "--sampler", sampler])
-    rec = train_grpo.evaluate(train_grpo.Run(cfg, model, tok, [tok.eos_token_id]), val)
+    rec = train_grpo.evaluate(train_grpo.Run(cfg, model, tok, [tok.eos_token_id], compiled=compiled), val)
     assert seen == sizes
     assert rec["n"] == 104 and rec["by_category"]["-"] == {"n": 49, "accuracy": 1.0}
     assert rec["accuracy"] == pytest.approx(49 / 104)  # the copies are not counted
