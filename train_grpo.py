@@ -423,34 +423,39 @@ class Run(NamedTuple):
 # -----------------------------------------------------------------------------
 # Log-probs of the completion tokens, without a full-vocabulary tensor for every position.
 
-LOGPROB_CHUNK_BYTES = 256 * 2**20  # float32 logits computed at once; Qwen's 152k vocab = ~440 rows
+LOGPROB_CHUNK_BYTES = 64 * 2**20  # float32 logits at once (Qwen: ~110 rows); larger chunks ran slower on CPU (docs/benchmarks.md)
 
 
 def _chunk_logprobs(head, hidden, targets, temperature):
     """log softmax(head(hidden) / T)[target] and the entropy, for one chunk of rows."""
-    logits = head(hidden).float() / temperature                          # (R, V)
+    logits = head(hidden).float()                                        # (R, V)
+    if temperature != 1.0:
+        logits = logits / temperature
     logz = torch.logsumexp(logits, dim=-1)                               # (R,)
     logp = logits.gather(-1, targets[:, None]).squeeze(-1) - logz        # (R,)
-    probs = torch.softmax(logits.detach(), dim=-1)
-    entropy = logz.detach() - (probs * logits.detach()).sum(-1)          # (R,)
+    with torch.no_grad():
+        probs = torch.exp(logits - logz[:, None])
+        entropy = logz - (probs * logits).sum(-1)                        # (R,)
     return logp, entropy
 
 
 def completion_logprobs(model, rollouts: engine.Rollouts, temperature: float, autocast=None, group_size: int = 1):
     """(N, L) log-prob of each completion token under `model` at the sampling temperature,
-    and (N, L) entropies; differentiable when grad is enabled. The output head runs in row
-    chunks under activation checkpointing, so backward recomputes a chunk's logits instead
-    of keeping all N * L * V of them."""
+    and (N, L) entropies, both 0 outside the completion mask (padding after an end token,
+    which no loss reads: the head, the costliest part of a pass's elementwise work, runs on
+    real tokens only); differentiable when grad is enabled. The head runs in row chunks
+    under activation checkpointing, so backward recomputes a chunk's logits instead of
+    keeping all N * L * V of them."""
     input_ids, P = rollouts.input_ids, rollouts.prompt_len
     with precision.autocast(input_ids.device, autocast):
         hidden = engine.completion_hidden_states(model, rollouts, group_size)  # (N, L, H) predicts tokens P..
-        targets = input_ids[:, P:]                                              # (N, L)
         N, L, H = hidden.shape
+        real = rollouts.completion_mask.reshape(N * L).nonzero().squeeze(1)     # (T,) the tokens that count
+        flat_h, flat_t = hidden.reshape(N * L, H)[real], input_ids[:, P:].reshape(N * L)[real]
         head = model.get_output_embeddings()
-        flat_h, flat_t = hidden.reshape(N * L, H), targets.reshape(N * L)
         rows = max(1, LOGPROB_CHUNK_BYTES // (4 * head.weight.shape[0]))
         logps, ents = [], []
-        for i in range(0, N * L, rows):
+        for i in range(0, len(real), rows):
             args = (head, flat_h[i:i + rows], flat_t[i:i + rows], temperature)
             if torch.is_grad_enabled():
                 lp, ent = checkpoint(_chunk_logprobs, *args, use_reentrant=False)
@@ -458,7 +463,11 @@ def completion_logprobs(model, rollouts: engine.Rollouts, temperature: float, au
                 lp, ent = _chunk_logprobs(*args)
             logps.append(lp)
             ents.append(ent)
-    return torch.cat(logps).view(N, L), torch.cat(ents).view(N, L)
+    zeros = hidden.new_zeros(N * L, dtype=torch.float32)
+    if not logps:
+        return zeros.view(N, L), zeros.view(N, L)
+    return (zeros.index_copy(0, real, torch.cat(logps)).view(N, L),
+            zeros.index_copy(0, real, torch.cat(ents)).view(N, L))
 
 
 # -----------------------------------------------------------------------------

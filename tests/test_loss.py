@@ -251,6 +251,34 @@ def test_chunked_logprobs_equal_naive_log_softmax(monkeypatch, tiny_model_dir):
     assert model.get_output_embeddings().weight.grad is not None
 
 
+def test_the_head_scores_only_tokens_inside_the_completion_mask(monkeypatch, tiny_model_dir):
+    """Padding after an end token is never in a loss: its positions get 0 and no head rows,
+    and the real tokens get what scoring every position gives them."""
+    import train_grpo
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    V = model.config.vocab_size
+    torch.manual_seed(3)
+    ids = torch.randint(3, V, (3, 10))
+    full = Rollouts(ids, torch.ones_like(ids), torch.ones(3, 6, dtype=torch.bool), 4, [""] * 3,
+                    torch.zeros(3, dtype=torch.bool))
+    ended = full._replace(completion_mask=torch.tensor([[1, 1, 1, 0, 0, 0], [1] * 6, [1, 0, 0, 0, 0, 0]]).bool())
+    rows = []
+    real = train_grpo._chunk_logprobs
+    monkeypatch.setattr(train_grpo, "_chunk_logprobs", lambda head, h, *a: rows.append(len(h)) or real(head, h, *a))
+    everything, _ = completion_logprobs(model, full, 0.8)
+    assert sum(rows) == 18
+    rows.clear()
+    logp, entropy = completion_logprobs(model, ended, 0.8)
+    mask = ended.completion_mask
+    assert sum(rows) == int(mask.sum()) == 10
+    logp.sum().backward()  # and the gradient flows back through the scattered rows
+    assert torch.allclose(logp[mask], everything.detach()[mask], atol=1e-6)
+    assert (logp[~mask] == 0).all() and (entropy[~mask] == 0).all() and (entropy[mask] > 0).all()
+    assert model.get_output_embeddings().weight.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("completion_len", [6, 1])
 def test_prompt_once_per_group_gives_the_same_logprobs_and_gradients(tiny_model_dir, completion_len):
     """Two groups of 3 completions, prompts of different lengths (one left-padded): the
