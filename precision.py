@@ -157,7 +157,8 @@ def make_optimizer(cfg, model):
 
 def make_adamw(cfg, params):
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
+        # fused: one kernel over all tensors instead of a dozen elementwise passes over each
+        return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0, fused=True)
     try:
         import bitsandbytes as bnb
     except ImportError:
