@@ -16,6 +16,7 @@ config in a fresh process; docs/benchmarks.md says what is matched and holds the
 """
 
 import argparse
+import contextlib
 import json
 import statistics
 import subprocess
@@ -308,14 +309,19 @@ def print_floors(metrics: dict, ours: dict, device: str) -> None:
         print(f"{name:<10}{ours[phase]:>11.2f}{floor:>9.3f}{ratio}  {why}")
 
 
-def count_cuda_graph_recordings() -> list:
-    """A list that gains an entry each time inductor records a CUDA graph (reduce-overhead)."""
+@contextlib.contextmanager
+def cuda_graph_recordings():
+    """While open, a list that gains an entry each time inductor records a CUDA graph
+    (reduce-overhead); bench.py gpu and the gpu tests count with it."""
     from torch._inductor import cudagraph_trees
 
     recorded, real = [], cudagraph_trees.CUDAGraphTreeManager.record_function
     cudagraph_trees.CUDAGraphTreeManager.record_function = lambda self, *a, **k: recorded.append(1) or real(
         self, *a, **k)
-    return recorded
+    try:
+        yield recorded
+    finally:
+        cudagraph_trees.CUDAGraphTreeManager.record_function = real
 
 
 def bench_gpu(args) -> int:
@@ -334,8 +340,9 @@ def bench_gpu(args) -> int:
     summary = (tests.stdout.strip().splitlines() or ["(no output)"])[-1]
     args.random, args.steps = "qwen2.5-1.5b", max(args.steps, 6)
     args.against = "trl" if importlib.util.find_spec("trl") else None
-    results, recordings = {}, count_cuda_graph_recordings()
-    code = bench_step(args, [], results)
+    results = {}
+    with cuda_graph_recordings() as recordings:
+        code = bench_step(args, [], results)
     if code:
         return code
     bandwidth = memory_bandwidth_gbs()

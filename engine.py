@@ -179,7 +179,7 @@ class StaticKV:
     def __init__(self, rows: int, length: int, num_layers: int, device):
         # Not a transformers Cache: its internals move between releases, and the decoder
         # needs only update() (and get_seq_length() on transformers 4).
-        self.rows, self.length, self.device = rows, length, device
+        self.rows, self.length = rows, length
         self.keys, self.values = [None] * num_layers, [None] * num_layers  # allocated at the first prefill
         self.column = torch.zeros(1, dtype=torch.long, device=device)  # where the next token's keys go
         self.valid = torch.zeros(rows, length, dtype=torch.bool, device=device)  # the positions rows attend to
@@ -287,11 +287,10 @@ def decoder_for(model, compiled: bool) -> Decoder:
     return decoder
 
 
-def static_cache(model, decoder: Decoder, rows: int, length: int) -> StaticKV:
+def static_cache(model, decoder: Decoder, rows: int, length: int, device) -> StaticKV:
     length = -(-length // LENGTH_BUCKET) * LENGTH_BUCKET
     if (rows, length) not in decoder.caches:
-        kv = StaticKV(rows, length, model.config.num_hidden_layers, next(model.parameters()).device)
-        decoder.caches[(rows, length)] = kv
+        decoder.caches[(rows, length)] = StaticKV(rows, length, model.config.num_hidden_layers, device)
     return decoder.caches[(rows, length)]
 
 
@@ -303,7 +302,7 @@ def sample_groups(model, prompt_ids, prompt_mask, num_generations: int, max_new_
     step (`decode_step`, compiled or eager) until every row has ended."""
     G, device = num_generations, prompt_ids.device
     decoder = decoder_for(model, compiled)
-    kv = static_cache(model, decoder, len(prompt_ids) * G, prompt_ids.shape[1] + max_new_tokens)
+    kv = static_cache(model, decoder, len(prompt_ids) * G, prompt_ids.shape[1] + max_new_tokens, device)
     kv.visible = kv.length
     position_ids = positions_of(prompt_mask)
     hidden = prefill(model, kv, prompt_ids, prompt_mask, position_ids, G)
@@ -312,7 +311,7 @@ def sample_groups(model, prompt_ids, prompt_mask, num_generations: int, max_new_
     ends = torch.tensor(list(end_ids), device=device)
     done = torch.zeros(len(logits), dtype=torch.bool, device=device)
     bad = torch.zeros((), dtype=torch.bool, device=device)
-    sync_every = sync_interval(device)
+    sync_every, cache_name = sync_interval(device), _cache_name(type(model.base_model))
     tokens = []
     for _ in range(max_new_tokens):
         bad |= ~torch.isfinite(logits).all()
@@ -324,7 +323,7 @@ def sample_groups(model, prompt_ids, prompt_mask, num_generations: int, max_new_
         position = position + 1
         if not compiled:  # eager: attend to the filled positions only, a shape per step costs nothing
             kv.visible = prompt_ids.shape[1] + len(tokens)
-        logits = decoder.step(model, _cache_name(type(model.base_model)), kv, token, position)
+        logits = decoder.step(model, cache_name, kv, token, position)
     check_finite(bad)
     return torch.stack(tokens, dim=1) if tokens else prompt_ids.new_zeros(len(logits), 0)
 
@@ -350,8 +349,8 @@ def generate_rollouts(model, tokenizer, prompts, num_generations: int, max_new_t
                       temperature: float, end_ids, greedy: bool = False, sampler: str = "auto",
                       compiled: bool = False) -> Rollouts:
     """G completions of each prompt, rows grouped by prompt, with one of three samplers:
-    groups (sample_groups, its decode step compiled if `compiled`), static (model.generate on a static KV cache, which transformers
-    compiles into CUDA graphs on a GPU) or generate (model.generate with a dynamic cache on
+    groups (sample_groups, its decode step compiled if `compiled`), static (model.generate
+    on a static KV cache, which transformers compiles into CUDA graphs on a GPU) or generate (model.generate with a dynamic cache on
     G copies of each prompt: the plain reference). Runs under the caller's autocast."""
     device = next(model.parameters()).device
     sampler = choose_sampler(sampler, device)

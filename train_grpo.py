@@ -570,8 +570,7 @@ def evaluate(run: Run, problems) -> dict:
     mine = problems[dist.rank::dist.world]
     size = max(1, min(cfg.eval_batch_size, len(mine)))  # a rank may hold no problems at all
     # A compiled sampler records a graph per batch shape, so a short last chunk is topped up with copies.
-    sampler = engine.choose_sampler(cfg.sampler, run.policy.device)
-    static = sampler == "static" or (sampler == "groups" and run.compiled)
+    static = engine.choose_sampler(cfg.sampler, run.policy.device) == "static" or run.compiled
     texts = []
     for i in range(0, len(mine), size):
         prompts = prompts_for(run.tokenizer, mine[i:i + size])

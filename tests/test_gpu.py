@@ -71,16 +71,6 @@ def test_bf16_with_master_weights_raises_the_objective_as_float32_does(shape="qw
     assert gain_fp32 > 0 and gain_bf16 == pytest.approx(gain_fp32, rel=0.5)
 
 
-def count_cuda_graph_recordings(monkeypatch) -> list:
-    """One entry per CUDA graph that inductor's graph trees record (reduce-overhead)."""
-    from torch._inductor import cudagraph_trees
-
-    recorded, real = [], cudagraph_trees.CUDAGraphTreeManager.record_function
-    monkeypatch.setattr(cudagraph_trees.CUDAGraphTreeManager, "record_function",
-                        lambda self, *a, **k: recorded.append(1) or real(self, *a, **k))
-    return recorded
-
-
 def test_cuda_graphs_read_the_weights_after_updates_and_after_the_master_swap(tiny_model_dir, varied_rewards):
     """A CUDA graph replays the weight addresses it captured: bf16 weights updated in place
     through float32 masters, and swapped for the masters while saving, must still be what
@@ -109,13 +99,13 @@ def test_cuda_graphs_read_the_weights_after_updates_and_after_the_master_swap(ti
 
 def test_cuda_graph_recordings_stay_constant_over_20_steps(tiny_model_dir, tmp_path, monkeypatch, varied_rewards):
     torch._dynamo.reset()
-    recorded, counts = count_cuda_graph_recordings(monkeypatch), []
-    real = train_grpo.grpo_step
-    monkeypatch.setattr(train_grpo, "grpo_step", lambda *a: (r := real(*a), counts.append(len(recorded)))[0])
+    counts, real = [], train_grpo.grpo_step
     argv = ["--model", tiny_model_dir, "--preset", "none", "--task", "arithmetic", "--device", "cuda",
             "--num_iterations", "20", "--batch_size", "2", "--num_generations", "4", "--max_new_tokens", "16",
             "--eval_size", "104", "--eval_batch_size", "8", "--eval_every", "5", "--save_every", "10",
             "--compile", "on", "--output_dir", str(tmp_path)]
-    assert train_grpo.main(argv) == 0
+    with bench.cuda_graph_recordings() as recorded:
+        monkeypatch.setattr(train_grpo, "grpo_step", lambda *a: (r := real(*a), counts.append(len(recorded)))[0])
+        assert train_grpo.main(argv) == 0
     print(f"CUDA-graph recordings after each of 20 steps: {counts}")
     assert counts[0] > 0 and counts[-1] == counts[1], counts  # after step 1 and the first eval: no more
