@@ -197,9 +197,13 @@ def generate_arithmetic_problems(n: int, split: str = "train", seed: int = 0,
         rng.shuffle(triples)
         return [{"question": arithmetic_question(a, op, b), "answer": str(apply_op(a, op, b))}
                 for a, op, b in triples[:n]]
+    # Each operator is drawn as often as it has (a, b) pairs, so every triple is equally
+    # likely: training then sees operators in the shares the held-out set has them.
+    ops = tuple(ops)
+    weights = [((max_factor if op == "*" else max_operand) + 1) ** 2 for op in ops]
     problems = []
     while len(problems) < n:
-        op = rng.choice(tuple(ops))
+        op = rng.choices(ops, weights)[0]
         hi = max_factor if op == "*" else max_operand
         a, b = rng.randint(0, hi), rng.randint(0, hi)
         if arithmetic_split(a, op, b) != split:

@@ -79,6 +79,16 @@ def test_arithmetic_val_never_overlaps_train():
         assert arithmetic_split(int(a), op, int(b)) == "val"
 
 
+def test_arithmetic_train_draws_every_triple_equally_often():
+    # The held-out set is every val triple once, so training should see operators in the same
+    # shares: 21 x 21 pairs each for + and -, 13 x 13 for *, not a third each.
+    train = generate_arithmetic_problems(6000, "train", seed=0)
+    pairs = {"+": 21 * 21, "-": 21 * 21, "*": 13 * 13}
+    for op, n in pairs.items():
+        share = sum(f" {op} " in p["question"] for p in train) / len(train)
+        assert share == pytest.approx(n / sum(pairs.values()), abs=0.025), op
+
+
 def test_arithmetic_respects_ops_and_is_deterministic():
     probs = generate_arithmetic_problems(200, seed=5, ops=("*",))
     assert all(" * " in p["question"] for p in probs)
