@@ -46,9 +46,9 @@ def test_flags_win_over_the_file_wherever_they_stand(tmp_path):
 
 def test_a_file_replays_the_preset_it_names_and_its_own_values_over_it(tmp_path):
     path = tmp_path / "cpu.json"
-    path.write_text(json.dumps({"preset": "cpu", "num_iterations": 60}))
+    path.write_text(json.dumps({"preset": "cpu", "num_iterations": 45}))
     cfg = parse_args(["--config", str(path)])
-    expected = {**train_grpo.PRESETS["cpu"], "num_iterations": 60, "preset": "cpu", "config": str(path)}
+    expected = {**train_grpo.PRESETS["cpu"], "num_iterations": 45, "preset": "cpu", "config": str(path)}
     assert cfg == GRPOConfig(**expected)
 
 
