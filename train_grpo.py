@@ -848,6 +848,9 @@ def grpo_step(run: Run, step: int) -> tuple:
     if record["groups_trained"] == 0:
         log(run.dist, f"step {step}: none of the {record['groups_sampled']:.0f} groups sampled had rewards that "
                       f"differ, so there is nothing to learn from: update skipped")
+    elif record["skipped_updates"] and record["train_seconds"] == 0:
+        log(run.dist, f"step {step}: every completion trained on was cut off at --max_new_tokens, and "
+                      f"--mask_truncated_completions gives those no loss: update skipped")
     n = len(grades) * run.dist.world
     variance = max(record.pop("reward_sq") - record["reward_mean"] ** 2, 0.0) * n / max(n - 1, 1)
     record = {"step": step, **record, "reward_std": math.sqrt(variance),
@@ -893,7 +896,9 @@ def policy_update(run: Run, rollouts: engine.Rollouts, advantages) -> dict:
     # Normalised by the whole batch's counts over all ranks: summed gradients equal one process's.
     # (Ranks hold the same number of sequences, except under dynamic sampling.)
     total_sequences, total_tokens = plumbing.all_reduce_floats([float(N), float(mask.sum())], dist)
-    if total_sequences == 0:  # dynamic sampling found no group with a signal, on any rank
+    # Nothing to learn from, on any rank: dynamic sampling found no group with a signal, or
+    # every completion kept was cut off and --mask_truncated_completions gives those no loss.
+    if total_sequences == 0 or total_tokens == 0:
         nothing = float("nan")
         return dict(loss=nothing, kl=nothing, clip_frac=nothing, ratio_mean=nothing, entropy=nothing, kl_max=nothing,
                     grad_norm=nothing, skipped_updates=cfg.num_inner_updates, ref_seconds=0.0, train_seconds=0.0,
@@ -928,15 +933,16 @@ def policy_update(run: Run, rollouts: engine.Rollouts, advantages) -> dict:
             old = old_logp[s] if old_logp is not None else logp.detach()
             loss, stats = grpo_loss(logp, old, None if ref_logp is None else ref_logp[s], advantages[s],
                                     part.completion_mask, cfg, total_sequences, total_tokens)
-            loss.backward()
+            if loss.requires_grad:  # a part whose rows are all masked reaches no weight
+                loss.backward()
             loss_total += loss.item()
             kl_max = max(kl_max, stats["kl_max"])
             token_share = stats["tokens"] / float(total_tokens)  # token-weighted means over the parts
             for key in ("kl", "clip_frac", "ratio_mean"):
                 sums[key] += stats[key] * token_share / cfg.num_inner_updates
             sums["entropy"] += float(entropy[part.completion_mask].sum()) / float(total_tokens) / cfg.num_inner_updates
-        if not parts:  # this rank kept no group, but the all-reduce needs its (zero) share
-            for p in params:
+        for p in params:  # a rank with no group or no unmasked token: the all-reduce needs its (zero) share
+            if p.grad is None:
                 p.grad = torch.zeros_like(p)
         seconds["train_seconds"] += clock.lap()
         plumbing.all_reduce_gradients(params, dist)

@@ -774,6 +774,49 @@ def test_mask_truncated_completions_gives_cut_off_rows_no_loss_and_no_gradient(t
     assert any(moved)  # the other rows did train
 
 
+def test_a_micro_batch_of_cut_off_rows_only_adds_nothing(tiny_model_dir, tmp_path):
+    """A part whose rows are all masked has no path to the weights: it must add a zero share,
+    not fail in backward, and the update equals the one without those rows' advantages."""
+    def started(*extra):
+        args = tiny_args(tiny_model_dir, tmp_path, "--beta", "0", "--optimizer", "adamw", "--max_new_tokens", "6",
+                         "--micro_batch_size", "3", "--overwrite", *extra)
+        return train_grpo.start_run(parse_args(args))[0]
+
+    masked, reference = started("--mask_truncated_completions"), started()
+    prompts = train_grpo.prompts_for(masked.tokenizer, train_grpo.train_problems(masked.cfg, 1))
+    torch.manual_seed(0)
+    rollouts = engine.generate_rollouts(masked.policy, masked.tokenizer, prompts, 3, 6, 1.2, masked.end_ids)
+    truncated = torch.zeros_like(rollouts.truncated)
+    truncated[:3] = True  # the whole first micro-batch
+    rollouts = rollouts._replace(truncated=truncated)
+    advantages = torch.linspace(-1, 1, len(truncated))
+    assert train_grpo.policy_update(masked, rollouts, advantages)["skipped_updates"] == 0
+    train_grpo.policy_update(reference, rollouts, torch.where(truncated, torch.zeros_like(advantages), advantages))
+    for a, b in zip(masked.policy.parameters(), reference.policy.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
+
+
+def test_a_step_whose_completions_were_all_cut_off_skips_its_update_and_says_so(tiny_model_dir, tmp_path,
+                                                                               monkeypatch, capsys):
+    sample = train_grpo.sample_and_grade
+
+    def all_cut_off(run, problems):
+        prompts, rollouts, grades = sample(run, problems)
+        return prompts, rollouts._replace(truncated=torch.ones_like(rollouts.truncated)), grades
+
+    monkeypatch.setattr(train_grpo, "sample_and_grade", all_cut_off)
+    args = tiny_args(tiny_model_dir, tmp_path, "--mask_truncated_completions", "--num_iterations", "1",
+                     "--save_every", "0")
+    assert train_grpo.main(args) == 0
+    record = steps_of(tmp_path)[0]
+    assert record["skipped_updates"] == 1 and record["loss"] is None and record["truncated_frac"] == 1.0
+    assert "every completion trained on was cut off at --max_new_tokens" in capsys.readouterr().out
+    from transformers import AutoModelForCausalLM
+    trained, original = (AutoModelForCausalLM.from_pretrained(d) for d in (tmp_path / "saved_model", tiny_model_dir))
+    for a, b in zip(trained.parameters(), original.parameters()):
+        assert torch.equal(a, b)
+
+
 # --- dynamic sampling (DAPO): train only on groups with a signal
 
 def spread_only_for_odd_targets(monkeypatch):
