@@ -125,6 +125,11 @@ def bench_step(args, train_args, results=None):
         # The two evals (start, end) answer one batch as wide as a step's rollouts, so a
         # compiled sampler meets one batch shape, as a real run's steps do, not a second one.
         cfg = train_grpo.parse_args(argv)
+        if args.against == "trl" and cfg.dynamic_sampling:
+            # TRL has no dynamic sampling (trl#3708): a step of ours would sample up to
+            # max_sampling_rounds batches against TRL's one, so both sample one.
+            print("--against trl: --dynamic_sampling off on our side too, as TRL has none")
+            argv += ["--dynamic_sampling", "false"]
         rows = cfg.batch_size * cfg.num_generations
         size = rows if cfg.task == "countdown" else min(rows, 104)  # arithmetic's val split holds 104
         argv = ["--eval_size", str(size), "--eval_batch_size", str(rows), *argv]
@@ -226,7 +231,9 @@ def bench_trl_step(args, train_args):
             gradient_accumulation_steps=1, num_generations=G, max_completion_length=cfg.max_new_tokens,
             temperature=cfg.temperature, top_k=0, top_p=1.0, repetition_penalty=1.0,
             learning_rate=cfg.learning_rate, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
-            beta=cfg.beta, epsilon=cfg.epsilon, num_iterations=cfg.num_inner_updates, loss_type=cfg.loss_type,
+            beta=cfg.beta, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high or cfg.epsilon,
+            mask_truncated_completions=cfg.mask_truncated_completions,
+            num_iterations=cfg.num_inner_updates, loss_type=cfg.loss_type,
             scale_rewards="group" if cfg.scale_rewards else "none", max_grad_norm=cfg.clip_grad_norm,
             optim="adamw_bnb_8bit" if cfg.optimizer == "adamw8bit" else "adamw_torch",
             gradient_checkpointing=cfg.gradient_checkpointing, bf16=args.bf16 == "True" or device == "cuda",

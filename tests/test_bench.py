@@ -33,6 +33,35 @@ def test_bench_against_trl_prints_both_runs_side_by_side(capsys):
     assert re.search(r"TRL / ours step time: [\d.]+x", out)
 
 
+def test_bench_against_trl_compares_one_sampling_round_on_both_sides(capsys, monkeypatch):
+    # TRL has no dynamic sampling, so ours must not sample extra rounds while TRL samples one.
+    import json
+    import subprocess
+
+    import train_grpo
+
+    ours, trl_argv, real_main = [], [], train_grpo.main
+    monkeypatch.setattr(train_grpo, "main", lambda argv, preloaded=None:
+                        ours.append(train_grpo.parse_args(argv).dynamic_sampling) or real_main(argv, preloaded))
+
+    real_run = subprocess.run
+
+    def fake_trl(cmd, **kwargs):
+        if "trl-step" not in cmd:
+            return real_run(cmd, **kwargs)  # git, for the run's provenance
+        trl_argv.append(cmd[cmd.index("--") + 1:])
+        result = {"step": 1.0, "warmup": 1.0, "peak": 1.0, "completion": 4.0, "version": "x", "transformers": "y"}
+        return subprocess.CompletedProcess(cmd, 0, "TRL_RESULT " + json.dumps(result), "")
+
+    monkeypatch.setattr(subprocess, "run", fake_trl)
+    assert bench.main(["step", "--random", "tiny", "--steps", "2", "--against", "trl", *TINY_RUN,
+                       "--dynamic_sampling", "--mask_truncated_completions"]) == 0
+    assert ours == [False]
+    assert train_grpo.parse_args(trl_argv[0]).dynamic_sampling is False
+    assert train_grpo.parse_args(trl_argv[0]).mask_truncated_completions is True
+    assert "--dynamic_sampling off on our side too" in capsys.readouterr().out
+
+
 def test_bench_gpu_without_cuda_is_one_line_and_a_failure(capsys, monkeypatch):
     import torch
 
