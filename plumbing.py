@@ -10,6 +10,7 @@ without it.
 
 import contextlib
 import dataclasses
+import importlib
 import importlib.util
 import io
 import json
@@ -286,6 +287,11 @@ def init_distributed(timeout_minutes: int, cpu_only: bool) -> Dist:
     cuda = not cpu_only and torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # then "cuda" means this GPU
+    # torch.distributed.nn binds the default group into its functions' default arguments when
+    # first imported. Imported after init (transformers' loading does, through FSDP), that pins
+    # the group past destroy_process_group, and its gloo threads then die at interpreter exit,
+    # where they can abort the process ("terminate called without an active exception").
+    importlib.import_module("torch.distributed.nn")
     torch.distributed.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=timeout_minutes))
     return Dist(torch.distributed.get_rank(), torch.distributed.get_world_size())
 

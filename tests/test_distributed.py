@@ -8,6 +8,8 @@ by completions that depend on the prompt alone, so that one process with batch 2
 processes with batch 1 score the very same sequences and the comparison is exact.
 """
 
+import gc
+import glob
 import json
 import os
 import signal
@@ -79,6 +81,17 @@ def worker(rank, world, port, argv, slow, flat_rank):
     code = tg.main(argv)
     if code:
         sys.exit(code)
+    # A process group that outlives main is torn down at interpreter exit, where its gloo
+    # threads can abort the process: a rare crash, made certain here.
+    gc.collect()
+    if gloo_threads():
+        sys.exit(f"rank {rank}: gloo threads outlive main: {gloo_threads()}")
+
+
+def gloo_threads() -> list:
+    """This process's gloo threads, by the names Linux gives them (none elsewhere)."""
+    names = (Path(p).read_text().strip() for p in glob.glob("/proc/self/task/*/comm"))
+    return [name for name in names if "gloo" in name]
 
 
 def free_port() -> int:
