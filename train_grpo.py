@@ -773,13 +773,14 @@ def diverged(run: Run, paths, step: int, metrics: dict, err) -> plumbing.UsageEr
 
 # How each rank's value of a step becomes the whole batch's. Ranks hold equal numbers of
 # completions, so means average; the update's statistics are already each rank's share
-# of the whole batch, so they add; times, memory and the worst KL are the largest.
+# of the whole batch, so they add; times, memory and the worst KL are the largest, and
+# counts every rank already holds for the whole batch stay as they are.
 OVER_RANKS = {**dict.fromkeys(("reward_mean", "reward_sq", "accuracy", "format_rate", "zero_spread_frac",
                                "completion_len", "truncated_frac", "prompt_len"), "mean"),
               **dict.fromkeys(("loss", "kl", "clip_frac", "ratio_mean", "entropy", "groups_sampled",
                                "groups_trained", "flops"), "sum"),
               **dict.fromkeys(("kl_max", "step_seconds", "gen_seconds", "peak_memory_gb", "ref_seconds",
-                               "train_seconds", "optimizer_seconds"), "max")}
+                               "train_seconds", "optimizer_seconds", "tokens_trained"), "max")}
 
 
 def sample_and_grade(run: Run, problems) -> tuple:
@@ -848,7 +849,7 @@ def grpo_step(run: Run, step: int) -> tuple:
     if record["groups_trained"] == 0:
         log(run.dist, f"step {step}: none of the {record['groups_sampled']:.0f} groups sampled had rewards that "
                       f"differ, so there is nothing to learn from: update skipped")
-    elif record["skipped_updates"] and record["train_seconds"] == 0:
+    elif record["tokens_trained"] == 0:
         log(run.dist, f"step {step}: every completion trained on was cut off at --max_new_tokens, and "
                       f"--mask_truncated_completions gives those no loss: update skipped")
     n = len(grades) * run.dist.world
@@ -901,9 +902,9 @@ def policy_update(run: Run, rollouts: engine.Rollouts, advantages) -> dict:
     if total_sequences == 0 or total_tokens == 0:
         nothing = float("nan")
         return dict(loss=nothing, kl=nothing, clip_frac=nothing, ratio_mean=nothing, entropy=nothing, kl_max=nothing,
-                    grad_norm=nothing, skipped_updates=cfg.num_inner_updates, ref_seconds=0.0, train_seconds=0.0,
-                    optimizer_seconds=0.0)
-    total_tokens = torch.tensor(total_tokens, device=mask.device).clamp(min=1)
+                    grad_norm=nothing, skipped_updates=cfg.num_inner_updates, tokens_trained=total_tokens,
+                    ref_seconds=0.0, train_seconds=0.0, optimizer_seconds=0.0)
+    tokens_trained, total_tokens = total_tokens, torch.tensor(total_tokens, device=mask.device)
     group = engine.prompt_group_size(policy, rows_per_pass, cfg.num_generations)  # the same for every pass
 
     def logprobs_of(model):  # (N, L), no grad, in the same parts as the update
@@ -955,7 +956,8 @@ def policy_update(run: Run, rollouts: engine.Rollouts, advantages) -> dict:
             skipped += 1
         run.optimizer.zero_grad(set_to_none=True)
         seconds["optimizer_seconds"] += clock.lap()
-    return dict(sums, kl_max=kl_max, grad_norm=grad_norm, skipped_updates=skipped, **seconds)
+    return dict(sums, kl_max=kl_max, grad_norm=grad_norm, skipped_updates=skipped, tokens_trained=tokens_trained,
+                **seconds)
 
 
 def progress_line(rec: dict, total: int, eta_seconds: float) -> str:

@@ -811,6 +811,7 @@ def test_a_step_whose_completions_were_all_cut_off_skips_its_update_and_says_so(
     assert train_grpo.main(args) == 0
     record = steps_of(tmp_path)[0]
     assert record["skipped_updates"] == 1 and record["loss"] is None and record["truncated_frac"] == 1.0
+    assert record["tokens_trained"] == 0
     assert "every completion trained on was cut off at --max_new_tokens" in capsys.readouterr().out
     from transformers import AutoModelForCausalLM
     trained, original = (AutoModelForCausalLM.from_pretrained(d) for d in (tmp_path / "saved_model", tiny_model_dir))
@@ -849,6 +850,7 @@ def test_dynamic_sampling_trains_only_on_groups_whose_rewards_differ(tiny_model_
         rounds = next((r + 1 for r in range(4) if sum(spread[:3 * (r + 1)]) >= 3), 4)
         assert record["groups_sampled"] == 3 * rounds == len(spread)  # it stopped once 3 groups had spread
         assert record["groups_trained"] == min(3, sum(spread)) == len(rollouts.texts) // 3
+        assert record["tokens_trained"] == int(rollouts.completion_mask.sum())
         kept = [g for g, has in enumerate(spread) if has][:3]
         drawn = [p for r in range(rounds) for p in train_grpo.train_problems(cfg, step, sampling_round=r)]
         trained = torch.tensor([train_grpo.grade(t, drawn[kept[i // 3]]).reward for i, t in enumerate(rollouts.texts)])
