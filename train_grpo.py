@@ -72,6 +72,7 @@ class GRPOConfig:
     mask_truncated_completions: bool = False  # completions cut off at max_new_tokens get no loss (DAPO's overlong filtering)
     dynamic_sampling: bool = False        # train only on groups whose rewards differ, sampling more prompts to fill the batch (DAPO)
     max_sampling_rounds: int = 3          # --dynamic_sampling: at most this many rounds of batch_size prompts per step
+    partial_credit: float = 0.0           # arithmetic: a wrong integer answer earns up to this much more by nearness; 0 = off
     num_inner_updates: int = 1            # policy updates per generated batch
     clip_grad_norm: float = 0.5           # max global gradient norm
     loss_type: str = "grpo"               # grpo | dr_grpo | dapo: how token losses are averaged
@@ -227,6 +228,10 @@ def validate(cfg: GRPOConfig) -> None:
             raise plumbing.UsageError(f"--{name} must be zero or more, got {getattr(cfg, name)}")
     if cfg.num_generations < 2:
         raise plumbing.UsageError("--num_generations must be at least 2: advantages compare completions within a group")
+    if not 0 <= cfg.partial_credit < CORRECT_REWARD - 2 * FORMAT_REWARD:
+        raise plumbing.UsageError(f"--partial_credit must be at least 0 and below "
+                                  f"{CORRECT_REWARD - 2 * FORMAT_REWARD:g}, so that a near miss earns less than "
+                                  f"the right answer; got {cfg.partial_credit}")
 
 
 # -----------------------------------------------------------------------------
@@ -281,6 +286,7 @@ def countdown_reward(completion: str, numbers, target: int) -> float:
 
 
 _INTEGER = re.compile(r"-?[0-9]+")
+_BOUNDED_INT = re.compile(r"-?[0-9]{1,9}")  # few enough digits for int()
 
 
 def same_integer(a: str, b: str) -> bool:
@@ -316,6 +322,20 @@ def arithmetic_reward(completion: str, answer: str, no_template: bool = False) -
     """1.0 if the last <answer> block is exactly the integer answer; else 0.1 per tag pair.
     With no_template=True (no chat template), 1.0 if the first integer written is the answer."""
     return grade_arithmetic(completion, answer, no_template).reward
+
+
+def with_partial_credit(g: Grade, completion: str, problem: dict, weight: float, no_template: bool = False) -> Grade:
+    """--partial_credit: a wrong integer answer to an arithmetic problem earns
+    weight * max(0, 1 - |given - answer| / (|answer| + 1)) on top of its format reward.
+    Exact-match reward gives a group no signal where the policy is never right (at first,
+    almost every subtraction with a negative answer); nearness ranks its wrong answers, and a
+    wrong sign is at least |answer| away, so earns little. Accuracy stays exact match."""
+    given = extract_answer(completion, no_template)
+    if weight == 0 or g.correct or "answer" not in problem or given is None or not _BOUNDED_INT.fullmatch(given):
+        return g
+    answer = int(problem["answer"])
+    nearness = max(0.0, 1 - abs(int(given) - answer) / (abs(answer) + 1))
+    return g._replace(reward=g.reward + weight * nearness)
 
 
 def grade(completion: str, problem: dict, no_template: bool = False) -> Grade:
@@ -791,7 +811,9 @@ def sample_and_grade(run: Run, problems) -> tuple:
                                             run.cfg.max_new_tokens, run.cfg.temperature, run.end_ids,
                                             sampler=run.cfg.sampler, compiled=run.compiled)
     G = run.cfg.num_generations
-    return prompts, rollouts, [grade(text, problems[i // G], run.no_template) for i, text in enumerate(rollouts.texts)]
+    grades = [with_partial_credit(grade(text, problems[i // G], run.no_template), text, problems[i // G],
+                                  run.cfg.partial_credit, run.no_template) for i, text in enumerate(rollouts.texts)]
+    return prompts, rollouts, grades
 
 
 def grpo_step(run: Run, step: int) -> tuple:

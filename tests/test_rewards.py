@@ -11,7 +11,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from data import evaluate_expression, generate_countdown_problems
-from train_grpo import arithmetic_reward, countdown_reward, grade, grade_countdown, last_answer
+from train_grpo import (arithmetic_reward, countdown_reward, grade, grade_countdown, last_answer,
+                        with_partial_credit)
 
 THINK = "<think>\nsome reasoning\n</think>\n"
 
@@ -116,6 +117,36 @@ ARITHMETIC_CASES = [
                          ids=[c[-1] for c in ARITHMETIC_CASES])
 def test_arithmetic_reward_table(completion, answer, no_template, expected, why):
     assert arithmetic_reward(completion, answer, no_template=no_template) == pytest.approx(expected), why
+
+
+PARTIAL_CASES = [  # weight 0.5, answer -14: 0.2 for the tags + 0.5 * max(0, 1 - |given - answer| / 15)
+    (ans("-14"), "-14", 1.0, "right: exactly CORRECT_REWARD, no credit on top"),
+    (ans("-13"), "-14", 0.2 + 0.5 * 14 / 15, "one off"),
+    (ans("-1"), "-14", 0.2 + 0.5 * 2 / 15, "the magnitude of a"),
+    (ans("14"), "-14", 0.2, "the wrong sign: 28 away, nothing"),
+    (ans("-30"), "-14", 0.2 + 0.5 * 0 / 15, "more than |answer| + 1 away"),
+    (ans("x"), "-14", 0.2, "not an integer"),
+    (ans("9" * 5000), "-14", 0.2, "5,000 digits: no int() of it"),
+    (THINK + "-14", "-14", 0.1, "no answer tags: nothing graded"),
+    (" -13", "-14", 0.5 * 14 / 15, "plain prompt: the first integer"),
+]
+
+
+@pytest.mark.parametrize("completion, answer, expected, why", PARTIAL_CASES, ids=[c[-1] for c in PARTIAL_CASES])
+def test_partial_credit_ranks_wrong_answers_by_nearness(completion, answer, expected, why):
+    plain = not completion.startswith("<")
+    problem = {"question": "what is 1 - 15?", "answer": answer}
+    g = with_partial_credit(grade(completion, problem, plain), completion, problem, 0.5, plain)
+    assert g.reward == pytest.approx(expected), why
+    assert g.correct == (expected == 1.0)
+    assert with_partial_credit(grade(completion, problem, plain), completion, problem, 0.0, plain) == \
+        grade(completion, problem, plain)  # weight 0: the exact-match reward
+
+
+def test_partial_credit_leaves_countdown_alone():
+    problem = {"numbers": [3, 5, 7], "target": 22}
+    completion = ans("3 * 5 + 6")
+    assert with_partial_credit(grade(completion, problem), completion, problem, 0.5) == grade(completion, problem)
 
 
 def test_last_answer():

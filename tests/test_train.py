@@ -567,6 +567,37 @@ def right_only_on(operator, val, seen=None):
     return answers
 
 
+@pytest.mark.parametrize("weight", [0.0, 0.5])
+def test_sampled_completions_earn_partial_credit_only_when_asked(tiny_model_dir, monkeypatch, weight):
+    def near_and_far(model, tokenizer, prompts, num_generations, *args, **kwargs):
+        texts = []
+        for prompt in prompts:
+            problem = next(p for p in problems if p["question"] in prompt)
+            answer = int(problem["answer"])
+            texts += [f"<think>ok</think><answer>{a}</answer>" for a in (answer, answer + 1, answer + 9, "x")]
+        return engine.Rollouts(None, None, None, 0, texts, None)
+
+    model, tok = plumbing.load_model_and_tokenizer(tiny_model_dir, torch.float32)
+    cfg = parse_args(["--model", tiny_model_dir, "--preset", "none", "--task", "arithmetic", "--num_generations", "4",
+                      "--batch_size", "2", "--partial_credit", str(weight)])
+    problems = train_grpo.train_problems(cfg, 1)
+    monkeypatch.setattr(engine, "generate_rollouts", near_and_far)
+    _, rollouts, grades = train_grpo.sample_and_grade(train_grpo.Run(cfg, model, tok, [tok.eos_token_id]), problems)
+    for i, problem in enumerate(problems):
+        near = max(0.0, 1 - 1 / (abs(int(problem["answer"])) + 1))
+        far = max(0.0, 1 - 9 / (abs(int(problem["answer"])) + 1))
+        assert [g.reward for g in grades[4 * i:4 * i + 4]] == pytest.approx([1.0, 0.2 + weight * near,
+                                                                              0.2 + weight * far, 0.2])
+        assert [g.correct for g in grades[4 * i:4 * i + 4]] == [True, False, False, False]
+
+
+def test_partial_credit_must_leave_the_right_answer_best():
+    for weight in ("0.8", "-0.1"):  # 0.8 + 0.2 for the tags would tie a near miss with the right answer
+        with pytest.raises(plumbing.UsageError, match="--partial_credit must be at least 0 and below 0.8"):
+            parse_args(["--partial_credit", weight])
+    assert parse_args(["--partial_credit", "0.79"]).partial_credit == 0.79
+
+
 def test_eval_reports_an_interval_and_accuracy_per_operator(tiny_model_dir, monkeypatch):
     model, tok = plumbing.load_model_and_tokenizer(tiny_model_dir, torch.float32)
     val = data.generate_arithmetic_problems(200, "val", unique=True)
