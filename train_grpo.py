@@ -330,8 +330,10 @@ def with_partial_credit(g: Grade, completion: str, problem: dict, weight: float,
     Exact-match reward gives a group no signal where the policy is never right (at first,
     almost every subtraction with a negative answer); nearness ranks its wrong answers, and a
     wrong sign is at least |answer| away, so earns little. Accuracy stays exact match."""
+    if weight == 0 or g.correct or "answer" not in problem:  # the default run pays for no second parse
+        return g
     given = extract_answer(completion, no_template)
-    if weight == 0 or g.correct or "answer" not in problem or given is None or not _BOUNDED_INT.fullmatch(given):
+    if given is None or not _BOUNDED_INT.fullmatch(given):
         return g
     answer = int(problem["answer"])
     nearness = max(0.0, 1 - abs(int(given) - answer) / (abs(answer) + 1))

@@ -84,8 +84,9 @@ def worker(rank, world, port, argv, slow, flat_rank):
     # A process group that outlives main is torn down at interpreter exit, where its gloo
     # threads can abort the process: a rare crash, made certain here.
     gc.collect()
-    if gloo_threads():
-        sys.exit(f"rank {rank}: gloo threads outlive main: {gloo_threads()}")
+    left = gloo_threads()
+    if left:
+        sys.exit(f"rank {rank}: gloo threads outlive main: {left}")
 
 
 def gloo_threads() -> list:
