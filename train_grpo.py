@@ -64,7 +64,8 @@ class GRPOConfig:
     num_generations: int = 16             # completions per prompt (the group size)
     max_new_tokens: int = 160             # completion budget, room for <think> reasoning
     temperature: float = 1.2              # sampling temperature; log-probs use the same one
-    learning_rate: float = 2e-6           # constant learning rate
+    learning_rate: float = 2e-6           # learning rate at step 1
+    final_lr_ratio: float = 1.0           # cosine-decay the learning rate to this fraction of it at the last step; 1 = constant
     beta: float = 0.01                    # KL penalty weight; 0 = no reference model at all
     kl_cap: float = 10.0                  # per-token k3 KL above this counts as this, with no gradient; 0 = no cap
     epsilon: float = 0.2                  # PPO clip range: ratio kept in [1-eps, 1+eps]
@@ -228,6 +229,9 @@ def validate(cfg: GRPOConfig) -> None:
             raise plumbing.UsageError(f"--{name} must be zero or more, got {getattr(cfg, name)}")
     if cfg.num_generations < 2:
         raise plumbing.UsageError("--num_generations must be at least 2: advantages compare completions within a group")
+    if not 0 <= cfg.final_lr_ratio <= 1:
+        raise plumbing.UsageError(f"--final_lr_ratio must be between 0 and 1 (1 keeps the learning rate constant), "
+                                  f"got {cfg.final_lr_ratio}")
     if not 0 <= cfg.partial_credit < CORRECT_REWARD - 2 * FORMAT_REWARD:
         raise plumbing.UsageError(f"--partial_credit must be at least 0 and below "
                                   f"{CORRECT_REWARD - 2 * FORMAT_REWARD:g}, so that a near miss earns less than "
@@ -854,6 +858,8 @@ def grpo_step(run: Run, step: int) -> tuple:
         keep = [g * G + j for g in trained for j in range(G)]
         rollouts, trained_advantages = rollouts.rows(keep), advantages[keep]
     # 3. log-probs, the clipped loss with its KL, and the optimizer step
+    for group in run.optimizer.param_groups:
+        group["lr"] = learning_rate_at(cfg, step)
     update = policy_update(run, rollouts, trained_advantages.to(rollouts.input_ids.device))
     lengths = torch.cat([r.completion_mask.sum(1).float() for r in parts])
     truncated = torch.cat([r.truncated.float() for r in parts])
@@ -886,6 +892,15 @@ def grpo_step(run: Run, step: int) -> tuple:
              "prompt": prompts[i // G] if i % G == 0 else None}  # once per group: prompts are long
             for i, (text, g) in enumerate(zip((t for r in parts for t in r.texts), grades))]
     return record, [row for part in plumbing.gather_objects(rows, run.dist) for row in part]
+
+
+def learning_rate_at(cfg: GRPOConfig, step: int) -> float:
+    """Cosine decay (nanoGPT's, without warmup) from learning_rate at step 1 to
+    final_lr_ratio x learning_rate at the last: late updates, made once the policy's entropy
+    has collapsed, move greedy answers less. A function of the step alone, so a resume
+    continues it exactly."""
+    progress = (step - 1) / max(cfg.num_iterations - 1, 1)
+    return cfg.learning_rate * (cfg.final_lr_ratio + (1 - cfg.final_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def step_flops(run: Run, sampled, trained: engine.Rollouts) -> float:

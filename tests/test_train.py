@@ -3,6 +3,7 @@
     python -m pytest tests/test_train.py -v
 """
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -83,6 +84,31 @@ def test_resume_continues_exactly_where_the_run_stopped(tiny_model_dir, tmp_path
     for i in (2, 3):
         for key in ("reward_mean", "loss", "kl", "grad_norm", "completion_len"):
             assert b[i][key] == pytest.approx(a[i][key], rel=1e-4, abs=1e-6), (i + 1, key)
+
+
+def test_learning_rate_decays_by_cosine_to_its_final_ratio():
+    cfg = GRPOConfig(learning_rate=1e-3, final_lr_ratio=0.1, num_iterations=5)
+    rates = [train_grpo.learning_rate_at(cfg, step) for step in range(1, 6)]
+    assert rates[0] == pytest.approx(1e-3) and rates[2] == pytest.approx(0.55e-3) and rates[4] == pytest.approx(1e-4)
+    assert all(a > b for a, b in zip(rates, rates[1:]))
+    constant = dataclasses.replace(cfg, final_lr_ratio=1.0)
+    assert {train_grpo.learning_rate_at(constant, step) for step in range(1, 6)} == {1e-3}
+    with pytest.raises(plumbing.UsageError, match="--final_lr_ratio must be between 0 and 1"):
+        parse_args(["--final_lr_ratio", "1.5"])
+
+
+def test_each_step_updates_at_its_scheduled_learning_rate(tiny_model_dir, tmp_path, varied_rewards, monkeypatch):
+    used = []
+    original = torch.optim.AdamW.step
+
+    def recording_step(self, *args, **kwargs):
+        used.append(self.param_groups[0]["lr"])
+        return original(self, *args, **kwargs)
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    assert train_grpo.main(tiny_args(tiny_model_dir, tmp_path, "--optimizer", "adamw", "--num_iterations", "3",
+                                     "--final_lr_ratio", "0.5", "--save_every", "0")) == 0
+    assert used == pytest.approx([1e-3, 0.75e-3, 0.5e-3])
+    assert [s["learning_rate"] for s in steps_of(tmp_path)] == pytest.approx(used)
 
 
 def test_resume_uses_the_latest_checkpoint_not_later_metrics(tiny_model_dir, tmp_path):
