@@ -878,33 +878,41 @@ def test_a_step_whose_completions_were_all_cut_off_skips_its_update_and_says_so(
 
 # --- dynamic sampling (DAPO): train only on groups with a signal
 
-def spread_only_for_odd_targets(monkeypatch):
-    """Groups of a countdown problem with an odd target get rewards that differ (a checksum
-    of the text); groups with an even target all get 0, so they carry no signal."""
+def spread_only_for_targets_divisible_by_3(monkeypatch):
+    """Groups of a countdown problem whose target is a multiple of 3 get rewards that differ
+    (a checksum of the text); the other groups all get 0, so they carry no signal."""
     def by_target(completion, problem, no_template=False):
-        reward = (sum(map(ord, completion)) % 3) / 2 if problem["target"] % 2 else 0.0
+        reward = (sum(map(ord, completion)) % 3) / 2 if problem["target"] % 3 == 0 else 0.0
         return train_grpo.Grade(reward, reward == 1.0, False, False)
 
     monkeypatch.setattr(train_grpo, "grade", by_target)
 
 
 def test_dynamic_sampling_trains_only_on_groups_whose_rewards_differ(tiny_model_dir, tmp_path, monkeypatch):
-    spread_only_for_odd_targets(monkeypatch)
-    seen = []
-    update = train_grpo.policy_update
+    spread_only_for_targets_divisible_by_3(monkeypatch)
+    seen, calls = [], []
+    update, sample = train_grpo.policy_update, train_grpo.sample_and_grade
     monkeypatch.setattr(train_grpo, "policy_update", lambda run, rollouts, adv: seen.append((rollouts, adv))
                         or update(run, rollouts, adv))
+    monkeypatch.setattr(train_grpo, "sample_and_grade", lambda run, problems: calls.append(len(problems))
+                        or sample(run, problems))
     args = tiny_args(tiny_model_dir, tmp_path, "--dynamic_sampling", "--max_sampling_rounds", "4",
                      "--num_iterations", "3", "--batch_size", "3", "--save_every", "0")
     assert train_grpo.main(args) == 0
     cfg = parse_args(args)
     rows = [json.loads(line) for line in (tmp_path / "grpo_samples.jsonl").read_text().splitlines()]
-    lacking = 0
+    lacking, expected_calls = 0, []
     for step, record, (rollouts, advantages) in zip((1, 2, 3), steps_of(tmp_path), seen):
         rewards = torch.tensor([r["reward"] for r in rows if r["step"] == step])  # every sampled group, in order
         spread = train_grpo.has_spread(rewards, 3).tolist()
         lacking += spread.count(False)
-        rounds = next((r + 1 for r in range(4) if sum(spread[:3 * (r + 1)]) >= 3), 4)
+        rounds, take = 0, 1  # one round, then the rounds the share with spread so far says are needed
+        while True:
+            expected_calls.append(3 * take)
+            rounds += take
+            if sum(spread[:3 * rounds]) >= 3 or rounds == 4:
+                break
+            take = train_grpo.rounds_to_sample_next(sum(spread[:3 * rounds]), 3 * rounds, 3, 4 - rounds)
         assert record["groups_sampled"] == 3 * rounds == len(spread)  # it stopped once 3 groups had spread
         assert record["groups_trained"] == min(3, sum(spread)) == len(rollouts.texts) // 3
         assert record["tokens_trained"] == int(rollouts.completion_mask.sum())
@@ -914,8 +922,20 @@ def test_dynamic_sampling_trains_only_on_groups_whose_rewards_differ(tiny_model_
         assert train_grpo.has_spread(trained, 3).all()  # no trained group has zero spread
         assert advantages.view(-1, 3).abs().sum(1).gt(0).all()
     assert lacking > 0  # some groups lacked spread, so the filter had something to do
+    assert calls == expected_calls and max(calls) > 3  # and several rounds were sampled in one call
     # round 0 is the plain step's draw, so a run that needs one round draws what it always drew
     assert train_grpo.train_problems(cfg, 1, sampling_round=0) == train_grpo.train_problems(cfg, 1)
+
+
+@pytest.mark.parametrize("have, sampled, left, rounds", [
+    (2, 3, 2, 1),   # 1 group missing, 2 in 3 have spread: one more round of 3 should do
+    (1, 3, 2, 2),   # 2 missing at 1 in 3: 6 prompts, two rounds at once
+    (1, 3, 1, 1),   # ... but never more than the rounds left
+    (0, 3, 2, 2),   # none yet: every round left
+    (1, 6, 5, 4),   # 2 missing at 1 in 6: 12 prompts
+])
+def test_dynamic_sampling_samples_the_rounds_it_expects_to_need_at_once(have, sampled, left, rounds):
+    assert train_grpo.rounds_to_sample_next(have, sampled, 3, left) == rounds
 
 
 def test_a_step_whose_groups_all_lack_spread_skips_its_update_and_says_so(tiny_model_dir, tmp_path, monkeypatch,
