@@ -858,9 +858,10 @@ def grpo_step(run: Run, step: int) -> tuple:
         grades += round_grades
         done += take
         spread = has_spread(torch.tensor([g.reward for g in grades]), G)
-        if int(spread.sum()) >= cfg.batch_size:
+        have = int(spread.sum())
+        if have >= cfg.batch_size:
             break
-        take = rounds_to_sample_next(int(spread.sum()), len(problems), cfg.batch_size, rounds - done)
+        take = rounds_to_sample_next(have, len(problems), cfg.batch_size, rounds - done)
     if plumbing.all_reduce_floats([float(non_finite)], run.dist, op="max")[0] > 0:  # every rank stops together
         raise engine.NonFiniteLogits(f"step {step}: the policy's logits hold NaN or infinity")
     gen_seconds = time.perf_counter() - start
