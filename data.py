@@ -11,6 +11,7 @@ so a saved model is always queried exactly as it was trained.
     python -m pytest tests/test_data.py -v
 """
 
+import itertools
 import random
 import re
 import zlib
@@ -217,6 +218,36 @@ ARITHMETIC_RULES = (
     "then give only the final integer inside <answer> </answer> tags."
 )
 ARITHMETIC_EXAMPLE = ("what is 7 * 6?", "<think>\n7 * 6 = 42.\n</think>\n<answer>42</answer>")
+
+
+def countdown_solution(numbers, target) -> str | None:
+    """An expression over `numbers` that equals `target`, written left to right as the
+    generator builds one ((a op b) op c, over every order of the numbers), or None."""
+    for order in itertools.permutations(numbers):
+        for ops in itertools.product(OPS, repeat=len(order) - 1):
+            expr = str(order[0])
+            for op, n in zip(ops, order[1:]):
+                tighter = op == "*" and ("+" in expr or "-" in expr)
+                expr = f"({expr}) {op} {n}" if tighter else f"{expr} {op} {n}"
+            if evaluate_expression(expr, numbers) == target:
+                return expr
+    return None
+
+
+def worked_solution(problem: dict, tagged: bool = True) -> str | None:
+    """A right answer written as the prompt's example writes one (for --worked_solutions),
+    or None for a countdown problem with no solution. Untagged: the bare integer, as a
+    plain "Q: ... A:" prompt is graded."""
+    if task_of(problem) == "countdown":
+        expr = countdown_solution(problem["numbers"], problem["target"])
+        if expr is None:
+            return None
+        return (f"<think>\nI need to reach {problem['target']} using {list(problem['numbers'])}.\n"
+                f"Try {expr} = {problem['target']}. Yes!\n</think>\n<answer>{expr}</answer>")
+    if not tagged:
+        return f" {problem['answer']}"
+    a, op, b = problem["question"].rstrip("?").split()[2:5]
+    return f"<think>\n{a} {op} {b} = {problem['answer']}.\n</think>\n<answer>{problem['answer']}</answer>"
 
 
 # -----------------------------------------------------------------------------

@@ -57,6 +57,26 @@ def concat_rollouts(parts, pad_id: int) -> Rollouts:
                     [t for r in parts for t in r.texts], torch.cat([r.truncated for r in parts]))
 
 
+def with_completions(rollouts: Rollouts, completions: dict, pad_id: int) -> Rollouts:
+    """A copy of `rollouts` in which row i holds completions[i] = (token ids ending in an end
+    token, text) instead of what was sampled: off-policy rows (--worked_solutions).
+    Completions are right-padded to the longest, as concat_rollouts pads them."""
+    P, n = rollouts.prompt_len, rollouts.input_ids.shape[1] - rollouts.prompt_len
+    L = max([n] + [len(ids) for ids, _ in completions.values()])
+    pad = torch.nn.functional.pad
+    ids = pad(rollouts.input_ids, (0, L - n), value=pad_id)  # new tensors: the sampled rows stay as they were
+    attention = pad(rollouts.attention_mask, (0, L - n), value=1)
+    completion = pad(rollouts.completion_mask, (0, L - n), value=False)
+    truncated, texts = rollouts.truncated.clone(), list(rollouts.texts)
+    for row, (token_ids, text) in completions.items():
+        ids[row, P:] = pad_id
+        ids[row, P:P + len(token_ids)] = torch.tensor(token_ids, device=ids.device)
+        completion[row] = False
+        completion[row, :len(token_ids)] = True
+        truncated[row], texts[row] = False, text
+    return Rollouts(ids, attention, completion, P, texts, truncated)
+
+
 def end_token_ids(tokenizer, model) -> list[int]:
     """Every token that ends a completion: the tokenizer's EOS, the model's configured EOS
     ids (Qwen lists two), and the chat end-of-turn marker when the vocabulary has one."""

@@ -13,6 +13,8 @@ How this departs from a textbook policy gradient, and from DeepSeekMath's GRPO:
      baselines; the clip matters only with several inner updates on one batch.
   3) --loss_type chooses how token losses are averaged (see `grpo_loss`).
   4) A group whose rewards are all equal gets advantage exactly 0 (see `group_advantages`).
+  5) Optional, off by default: DAPO's levers, partial credit for near misses, and worked
+     solutions standing in for a completion where a group has no right answer.
 
 Machinery lives next door: engine.py (sampling), precision.py (dtype, master weights,
 optimizer), plumbing.py (models on disk, torchrun, checkpoints, run files).
@@ -74,6 +76,7 @@ class GRPOConfig:
     dynamic_sampling: bool = False        # train only on groups whose rewards differ, sampling more prompts to fill the batch (DAPO)
     max_sampling_rounds: int = 3          # --dynamic_sampling: at most this many rounds of batch_size prompts per step
     partial_credit: float = 0.0           # arithmetic: a wrong integer answer earns up to this much more by nearness; 0 = off
+    worked_solutions: bool = False        # a group with no right answer trains on a worked solution in place of one completion
     num_inner_updates: int = 1            # policy updates per generated batch
     clip_grad_norm: float = 0.5           # max global gradient norm
     loss_type: str = "grpo"               # grpo | dr_grpo | dapo: how token losses are averaged
@@ -804,7 +807,7 @@ def diverged(run: Run, paths, step: int, metrics: dict, err) -> plumbing.UsageEr
 OVER_RANKS = {**dict.fromkeys(("reward_mean", "reward_sq", "accuracy", "format_rate", "zero_spread_frac",
                                "completion_len", "truncated_frac", "prompt_len"), "mean"),
               **dict.fromkeys(("loss", "kl", "clip_frac", "ratio_mean", "entropy", "groups_sampled",
-                               "groups_trained", "flops"), "sum"),
+                               "groups_trained", "groups_guided", "flops"), "sum"),
               **dict.fromkeys(("kl_max", "step_seconds", "gen_seconds", "peak_memory_gb", "ref_seconds",
                                "train_seconds", "optimizer_seconds", "tokens_trained"), "max")}
 
@@ -817,9 +820,38 @@ def sample_and_grade(run: Run, problems) -> tuple:
                                             run.cfg.max_new_tokens, run.cfg.temperature, run.end_ids,
                                             sampler=run.cfg.sampler, compiled=run.compiled)
     G = run.cfg.num_generations
-    grades = [with_partial_credit(grade(text, problems[i // G], run.no_template), text, problems[i // G],
-                                  run.cfg.partial_credit, run.no_template) for i, text in enumerate(rollouts.texts)]
-    return prompts, rollouts, grades
+    return prompts, rollouts, [grade_of(run, text, problems[i // G]) for i, text in enumerate(rollouts.texts)]
+
+
+def grade_of(run: Run, completion: str, problem: dict) -> Grade:
+    """A training reward: the grade, with --partial_credit for a near miss."""
+    g = grade(completion, problem, run.no_template)
+    return with_partial_credit(g, completion, problem, run.cfg.partial_credit, run.no_template)
+
+
+def worked_solutions_for(run: Run, problems, grades) -> list:
+    """--worked_solutions: for each group none of whose G completions is right, the (token
+    ids, text) of a worked solution to train on in place of its last completion; else None.
+
+    Off-policy guidance, after LUFFY (Yan et al., 2025) without its policy shaping: where the
+    policy never samples the right answer (at first, most subtractions with a negative
+    answer) its group has no right answer to reinforce, and partial credit can only rank
+    wrong ones. The solution is scored as if the policy had sampled it: its old log-probs
+    are the policy's own, so its ratio starts at 1, and its gradient is A * grad log
+    p(solution), a supervised step weighted by its advantage. It costs the group one
+    sampled completion; a solution longer than max_new_tokens is not used."""
+    G, tok = run.cfg.num_generations, run.tokenizer
+    if not run.cfg.worked_solutions:
+        return [None] * len(problems)
+    out = []
+    for g, problem in enumerate(problems):
+        text = data.worked_solution(problem, tagged=not run.no_template)
+        if text is None or any(x.correct for x in grades[g * G:(g + 1) * G]):
+            out.append(None)
+            continue
+        ids = tok(text, add_special_tokens=False).input_ids + [tok.eos_token_id]
+        out.append((ids, text) if len(ids) <= run.cfg.max_new_tokens else None)
+    return out
 
 
 def rounds_to_sample_next(have: int, sampled: int, batch_size: int, left: int) -> int:
@@ -843,7 +875,9 @@ def grpo_step(run: Run, step: int) -> tuple:
     #    rounds of new prompts until batch_size groups have rewards that differ: a group
     #    whose rewards are all equal has advantage 0 and would only dilute the batch. After
     #    the first round, the rounds it expects to need are sampled in one call.
-    problems, prompts, parts, grades, non_finite = [], [], [], [], False
+    #    With --worked_solutions a group none of whose completions is right will train on a
+    #    worked solution, so it counts as having spread.
+    problems, prompts, parts, grades, solutions, non_finite = [], [], [], [], [], False
     rounds, done, take = cfg.max_sampling_rounds if cfg.dynamic_sampling else 1, 0, 1
     while done < rounds:
         round_problems = [p for r in range(done, done + take) for p in train_problems(cfg, step, run.dist, r)]
@@ -856,8 +890,10 @@ def grpo_step(run: Run, step: int) -> tuple:
         prompts += round_prompts
         parts.append(rollouts)
         grades += round_grades
+        solutions += worked_solutions_for(run, round_problems, round_grades)
         done += take
-        spread = has_spread(torch.tensor([g.reward for g in grades]), G)
+        own_spread = has_spread(torch.tensor([g.reward for g in grades]), G)  # the policy's own samples
+        spread = own_spread | torch.tensor([s is not None for s in solutions], dtype=torch.bool)
         have = int(spread.sum())
         if have >= cfg.batch_size:
             break
@@ -865,11 +901,18 @@ def grpo_step(run: Run, step: int) -> tuple:
     if plumbing.all_reduce_floats([float(non_finite)], run.dist, op="max")[0] > 0:  # every rank stops together
         raise engine.NonFiniteLogits(f"step {step}: the policy's logits hold NaN or infinity")
     gen_seconds = time.perf_counter() - start
+    # 2. worked solutions in place of each unsolved group's last completion, advantages, and
+    #    the groups to train on: all of them, or with dynamic sampling the first batch_size with spread
+    rollouts, own_grades = engine.concat_rollouts(parts, run.tokenizer.pad_token_id), grades
+    guided = {g * G + G - 1: solution for g, solution in enumerate(solutions) if solution is not None}
+    if guided:
+        rollouts = engine.with_completions(rollouts, guided, run.tokenizer.pad_token_id)
+        grades = [grade_of(run, rollouts.texts[i], problems[i // G]) if i in guided else g for i, g in enumerate(grades)]
+    texts = rollouts.texts
     rewards = torch.tensor([g.reward for g in grades], dtype=torch.float32)
     advantages = group_advantages(rewards, G, cfg.scale_rewards)
-    # 2. the groups to train on: all of them, or with dynamic sampling the first batch_size with spread
     trained = spread.nonzero().flatten()[:cfg.batch_size].tolist() if cfg.dynamic_sampling else range(len(problems))
-    rollouts, trained_advantages = engine.concat_rollouts(parts, run.tokenizer.pad_token_id), advantages
+    trained_advantages = advantages
     if len(trained) < len(problems):
         keep = [g * G + j for g in trained for j in range(G)]
         rollouts, trained_advantages = rollouts.rows(keep), advantages[keep]
@@ -880,12 +923,14 @@ def grpo_step(run: Run, step: int) -> tuple:
     lengths = torch.cat([r.completion_mask.sum(1).float() for r in parts])
     truncated = torch.cat([r.truncated.float() for r in parts])
     prompt_lens = torch.cat([r.attention_mask[::G, :r.prompt_len].sum(1).float() for r in parts])
+    own_rewards = torch.tensor([g.reward for g in own_grades], dtype=torch.float32)  # the policy's, not the solutions'
     record = plumbing.reduce_over_ranks({
-        "reward_mean": float(rewards.mean()), "reward_sq": float((rewards ** 2).mean()),
-        "accuracy": sum(g.correct for g in grades) / len(grades),
-        "format_rate": sum(is_formatted(g, run.no_template) for g in grades) / len(grades),
-        "zero_spread_frac": float(1 - spread.float().mean()),
+        "reward_mean": float(own_rewards.mean()), "reward_sq": float((own_rewards ** 2).mean()),
+        "accuracy": sum(g.correct for g in own_grades) / len(own_grades),
+        "format_rate": sum(is_formatted(g, run.no_template) for g in own_grades) / len(own_grades),
+        "zero_spread_frac": float(1 - own_spread.float().mean()),
         "groups_sampled": len(problems), "groups_trained": len(trained),
+        "groups_guided": sum(g * G + G - 1 in guided for g in trained),
         "completion_len": float(lengths.mean()), "truncated_frac": float(truncated.mean()),
         "prompt_len": float(prompt_lens.mean()), "flops": step_flops(run, parts, rollouts),
         **update, "learning_rate": run.optimizer.param_groups[0]["lr"],
@@ -905,8 +950,9 @@ def grpo_step(run: Run, step: int) -> tuple:
               "mfu": record["flops"] / record["step_seconds"] / (run.peak_flops * run.dist.world)}
     rows = [{"step": step, "question": data.problem_question(problems[i // G]), "completion": text,
              "reward": g.reward, "correct": g.correct, "advantage": float(advantages[i]),
+             "worked_solution": i in guided,
              "prompt": prompts[i // G] if i % G == 0 else None}  # once per group: prompts are long
-            for i, (text, g) in enumerate(zip((t for r in parts for t in r.texts), grades))]
+            for i, (text, g) in enumerate(zip(texts, grades))]
     return record, [row for part in plumbing.gather_objects(rows, run.dist) for row in part]
 
 
@@ -1018,6 +1064,8 @@ def policy_update(run: Run, rollouts: engine.Rollouts, advantages) -> dict:
 def progress_line(rec: dict, total: int, eta_seconds: float) -> str:
     groups = "" if rec["groups_sampled"] == rec["groups_trained"] else \
         f"groups {rec['groups_trained']:.0f}/{rec['groups_sampled']:.0f} trained | "
+    if rec["groups_guided"]:
+        groups += f"guided {rec['groups_guided']:.0f}/{rec['groups_trained']:.0f} | "
     return (f"step {rec['step']}/{total} | reward {rec['reward_mean']:.3f} (acc {rec['accuracy']:.2f}, "
             f"fmt {rec['format_rate']:.2f}) | kl {rec['kl']:.4f} | clip {rec['clip_frac']:.3f} | "
             f"len {rec['completion_len']:.0f} | {groups}dt {rec['step_seconds']:.1f}s (mfu {100 * rec['mfu']:.1f}%) | "

@@ -10,6 +10,7 @@ import time
 import pytest
 from hypothesis import given, settings, strategies as st
 
+import data
 from data import evaluate_expression, generate_countdown_problems
 from train_grpo import (arithmetic_reward, countdown_reward, grade, grade_countdown, last_answer,
                         with_partial_credit)
@@ -141,6 +142,30 @@ def test_partial_credit_ranks_wrong_answers_by_nearness(completion, answer, expe
     assert g.correct == (expected == 1.0)
     assert with_partial_credit(grade(completion, problem, plain), completion, problem, 0.0, plain) == \
         grade(completion, problem, plain)  # weight 0: the exact-match reward
+
+
+def test_worked_solutions_are_right_and_written_as_the_prompt_example_writes_one():
+    problems = (data.generate_arithmetic_problems(200, seed=1) + data.generate_arithmetic_problems(104, "val", unique=True)
+                + generate_countdown_problems(200, seed=1) + generate_countdown_problems(50, "val", seed=1))
+    for problem in problems:
+        assert grade(data.worked_solution(problem), problem).correct, problem
+    assert any(p["answer"].startswith("-") for p in problems if "answer" in p)  # negatives among them
+    example_question, example_reply = data.ARITHMETIC_EXAMPLE
+    assert data.worked_solution(data.parse_question(example_question)) == example_reply
+    assert data.worked_solution(data.parse_question("what is 17 - 20?")) == \
+        "<think>\n17 - 20 = -3.\n</think>\n<answer>-3</answer>"
+    plain = data.parse_question("what is 17 - 20?")
+    assert grade(data.worked_solution(plain, tagged=False), plain, no_template=True).correct
+
+
+@pytest.mark.parametrize("numbers, target, expected", [
+    ([3, 5, 2], 13, "3 * 5 - 2"),
+    ([3, 5, 2], 16, "(3 + 5) * 2"),   # a sum times a number needs its parentheses
+    ([2, 2, 2], 100, None),           # no expression over the numbers reaches it
+])
+def test_countdown_solution_is_found_by_search_or_is_none(numbers, target, expected):
+    assert data.countdown_solution(numbers, target) == expected
+    assert data.worked_solution({"numbers": numbers, "target": target}) is None or expected is not None
 
 
 def test_partial_credit_leaves_countdown_alone():

@@ -954,6 +954,65 @@ def test_a_step_whose_groups_all_lack_spread_skips_its_update_and_says_so(tiny_m
     assert all(torch.equal(a, b) for a, b in zip(trained.parameters(), original.parameters()))
 
 
+def grade_rigged_by_answer_parity(monkeypatch):
+    """Arithmetic groups of an even answer are all right (no spread, nothing to guide); the
+    others are all wrong, so only a worked solution can give them spread."""
+    def rigged(completion, problem, no_template=False):
+        right = int(problem["answer"]) % 2 == 0 or completion == data.worked_solution(problem)
+        return train_grpo.Grade(float(right), right, False, False)
+
+    monkeypatch.setattr(train_grpo, "grade", rigged)
+
+
+@pytest.mark.parametrize("worked", [True, False])
+def test_worked_solutions_stand_in_for_a_completion_of_each_group_with_no_right_answer(
+        tiny_model_dir, tmp_path, monkeypatch, worked):
+    from transformers import AutoTokenizer
+    grade_rigged_by_answer_parity(monkeypatch)
+    seen, update = [], train_grpo.policy_update
+    monkeypatch.setattr(train_grpo, "policy_update", lambda run, rollouts, adv: seen.append((rollouts, adv))
+                        or update(run, rollouts, adv))
+    args = tiny_args(tiny_model_dir, tmp_path, "--task", "arithmetic", "--max_new_tokens", "40", "--dynamic_sampling",
+                     "--worked_solutions", str(worked).lower(), "--save_every", "0")
+    assert train_grpo.main(args) == 0
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rows = [json.loads(line) for line in (tmp_path / "grpo_samples.jsonl").read_text().splitlines()]
+    guided_total = 0
+    for step, record, (rollouts, advantages) in zip((1, 2), steps_of(tmp_path), seen):
+        step_rows = [r for r in rows if r["step"] == step]
+        groups = [step_rows[i:i + 3] for i in range(0, len(step_rows), 3)]
+        problems = [data.parse_question(g[0]["question"]) for g in groups]
+        unsolved = [int(p["answer"]) % 2 == 1 for p in problems]
+        # the policy's own samples, not the solutions, make the logged accuracy
+        assert record["accuracy"] == pytest.approx(unsolved.count(False) / len(groups))
+        if not worked:  # no group has spread: nothing to train on
+            assert not any(r["worked_solution"] for r in step_rows) and record["groups_trained"] == 0
+            continue
+        for g, problem, alone in zip(groups, problems, unsolved):
+            assert [r["worked_solution"] for r in g] == [False, False, alone]
+            if alone:  # the last completion is the solution, right, and the one the group reinforces
+                assert g[-1]["completion"] == data.worked_solution(problem) and g[-1]["correct"]
+                assert g[-1]["advantage"] > 0 > g[0]["advantage"]
+        # dynamic sampling counts a guided group as one with spread, and trains on those
+        assert record["groups_trained"] == record["groups_guided"] == 2 == len(rollouts.texts) // 3
+        guided_total += record["groups_guided"]
+        kept = [p for p, alone in zip(problems, unsolved) if alone][:2]
+        for k, problem in enumerate(kept):  # the update reads the solution's tokens, then the end token
+            row = 3 * k + 2
+            ids = rollouts.input_ids[row, rollouts.prompt_len:][rollouts.completion_mask[row]].tolist()
+            assert ids == tok(data.worked_solution(problem), add_special_tokens=False).input_ids + [tok.eos_token_id]
+            assert not rollouts.truncated[row] and advantages[row] > 0
+    assert guided_total == (4 if worked else 0)
+
+
+def test_a_worked_solution_longer_than_the_completion_budget_is_not_used(tiny_model_dir, tmp_path, monkeypatch):
+    grade_rigged_by_answer_parity(monkeypatch)
+    args = tiny_args(tiny_model_dir, tmp_path, "--task", "arithmetic", "--max_new_tokens", "4", "--worked_solutions",
+                     "--save_every", "0")
+    assert train_grpo.main(args) == 0
+    assert [r["groups_guided"] for r in steps_of(tmp_path)] == [0, 0]
+
+
 def test_rollouts_of_different_paddings_concatenate_without_moving_a_log_prob(tiny_model_dir, tmp_path):
     run = train_grpo.start_run(parse_args(tiny_args(tiny_model_dir, tmp_path)))[0]
     questions = ["what is 1 + 2?", "Using the numbers [10, 9, 8], create an expression that equals 98. Be quick."]
