@@ -826,8 +826,10 @@ def test_mask_truncated_completions_gives_cut_off_rows_no_loss_and_no_gradient(t
     advantages = torch.linspace(-1, 1, len(truncated))
     train_grpo.policy_update(masked, rollouts, advantages)
     train_grpo.policy_update(reference, rollouts, torch.where(truncated, torch.zeros_like(advantages), advantages))
+    # Masked, the output head runs on fewer rows, and some CPUs' matmul kernels round by row
+    # count (seen: 1.4e-6 on an AMD EPYC): 1% of one Adam step at lr 1e-3 is allowed, a leak is not.
     for a, b in zip(masked.policy.parameters(), reference.policy.parameters()):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
     moved = [not torch.equal(a, b) for a, b in zip(masked.policy.parameters(), started().policy.parameters())]
     assert any(moved)  # the other rows did train
 
