@@ -119,7 +119,7 @@ PRESETS = {
     # arithmetic with tags is learnable within tens of steps. Its entropy collapses within
     # ~20 steps, after which most groups answer alike: dynamic sampling keeps every update
     # fed with groups that carry signal, and overlong filtering keeps completions ending.
-    # A negative answer is almost never sampled, so only a worked solution teaches it; once
+    # A negative answer is almost never sampled right, so a worked solution supplies it; once
     # a group's answers agree, 4 of them say what 8 would, so 6 prompts x 4 (the rows of
     # 3 x 8) see twice the problems, and more unsolved groups get a solution.
     # Torch AdamW, not 8-bit: bitsandbytes' CPU step is slow, and its memory saving is moot.
