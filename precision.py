@@ -8,6 +8,7 @@ them off), and a fraction of a second at start for the timing.
 """
 
 import contextlib
+import ctypes
 import logging
 import time
 from pathlib import Path
@@ -35,6 +36,25 @@ def cpu_has_bf16() -> bool:
         except OSError:
             return False
         return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def keep_freed_memory() -> bool:
+    """Has glibc keep freed memory in the process instead of handing it back to the OS.
+
+    By default glibc returns each freed block over 32 MB at once, and the next allocation
+    of that size page-faults in fresh pages, which the kernel zeroes. A CPU step allocates
+    and frees blocks of tens of MB hundreds of times (a chunk of logits over the
+    vocabulary, each weight's gradient), and paid a third of its backward pass in those
+    faults. What it costs: the process keeps its peak memory until it exits. -> False where
+    the C library is not glibc (macOS, musl), which is left as it is."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    # Blocks up to 1 GB come from the heap; the heap shrinks only when 2 GB at its top are free.
+    return bool(mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -74,19 +94,21 @@ def choose_runtime(cfg):
     return device, dtype, f"cpu ({weights_note(cfg, dtype)})"
 
 
-def matmul_gflops(width: int, dtype: torch.dtype, rows: int = 256, reps: int = 5, device: str = "cpu") -> float:
-    """Throughput of (rows, width) @ (width, 4 * width), the shape of an MLP up-projection,
-    from the fastest of `reps` calls: a VM's noise only ever makes a call slower."""
+def matmul_gflops(width: int, dtype: torch.dtype, rows: int = 256, reps: int = 5, device: str = "cpu",
+                  linear=torch.nn.functional.linear) -> float:
+    """Throughput of a linear layer from `width` to 4 * width (an MLP up-projection) on
+    `rows` inputs, by `linear`, from the fastest of `reps` calls: a VM's noise only ever
+    makes a call slower."""
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(rows, width, generator=gen).to(device, dtype)
-    b = torch.randn(width, 4 * width, generator=gen).to(device, dtype)
+    w = torch.randn(4 * width, width, generator=gen).to(device, dtype)
     sync = torch.cuda.synchronize if device != "cpu" else (lambda: None)
-    a @ b  # warm-up: first calls pick kernels
+    linear(a, w)  # warm-up: first calls pick kernels
     fastest = float("inf")
     for _ in range(reps):
         sync()
         start = time.perf_counter()
-        a @ b
+        linear(a, w)
         sync()
         fastest = min(fastest, time.perf_counter() - start)
     return 2 * rows * width * 4 * width / fastest / 1e9
@@ -97,11 +119,12 @@ GPU_PEAK_TFLOPS = {"H100 PCIe": 756, "H100": 989, "H200": 989, "H20": 148, "A100
                    "RTX 4090": 165, "A10G": 70, "L4": 121}
 
 
-def peak_flops(device, dtype: torch.dtype, width: int) -> tuple:
+def peak_flops(device, dtype: torch.dtype, width: int, onednn: bool = False) -> tuple:
     """-> (FLOP/s, where the figure comes from): the rate MFU is reported against. A known
     GPU's datasheet peak; otherwise, and on every CPU, the measured rate of a matmul of the
-    model's width in the dtype it computes in (a CPU has no honest datasheet figure: its
-    clock and the VM's share of it vary)."""
+    model's width in the dtype it computes in, by the kernels the run uses (`onednn`: see
+    choose_cpu_linear). A CPU has no honest datasheet figure: its clock and the VM's share
+    of it vary."""
     if str(device).startswith("cuda"):
         name = torch.cuda.get_device_name()
         for key, tflops in GPU_PEAK_TFLOPS.items():
@@ -110,7 +133,8 @@ def peak_flops(device, dtype: torch.dtype, width: int) -> tuple:
                 return tflops * scale * 1e12, f"{name} datasheet {dtype_name(dtype)} peak"
         return matmul_gflops(width, dtype, device="cuda", rows=4096) * 1e9, f"measured {dtype_name(dtype)} matmul"
     # 2048 rows and the best of 10: a call long enough for the clock, enough calls to find a quiet one
-    return matmul_gflops(width, dtype, rows=2048, reps=10) * 1e9, f"measured {dtype_name(dtype)} matmul"
+    linear, by = (onednn_linear, " by oneDNN") if onednn else (torch.nn.functional.linear, "")
+    return matmul_gflops(width, dtype, rows=2048, reps=10, linear=linear) * 1e9, f"measured {dtype_name(dtype)} matmul{by}"
 
 
 def choose_cpu_autocast(cfg, device, dtype, width: int, resumed=None) -> tuple:
@@ -141,6 +165,82 @@ def autocast(device, autocast_dtype):
     if autocast_dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=str(device).split(":")[0], dtype=autocast_dtype)
+
+
+# -----------------------------------------------------------------------------
+# Float32 linear layers on CPU through oneDNN.
+#
+# What it buys: torch sends a float32 matmul on CPU to its BLAS (MKL in the x86 wheels),
+# and MKL runs its AVX2 code on AMD CPUs, at about half the rate oneDNN reaches with
+# AVX-512 on the same cores. What it costs: an autograd function of our own for the
+# backward, and sums in another order (float32 all the same, so results move by
+# rounding only).
+
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
+    """x W^T + b by oneDNN's float32 GEMM (the op torch.compile's CPU backend calls)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def onednn_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+class _OneDNNLinearFunction(torch.autograd.Function):
+    """y = x W^T + b and its gradients, dx = dy W, dW = dy^T x, db = sum dy, each by oneDNN."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return onednn_linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        rows = grad.reshape(-1, grad.shape[-1])
+        grad_x = onednn_linear(grad, weight.t()) if ctx.needs_input_grad[0] else None
+        grad_w = onednn_linear(rows.t(), x.reshape(-1, x.shape[-1]).t()) if ctx.needs_input_grad[1] else None
+        grad_b = rows.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b
+
+
+class OneDNNLinear(torch.nn.Linear):
+    """An nn.Linear whose products, forward and backward, run through oneDNN."""
+
+    def forward(self, x):
+        return _OneDNNLinearFunction.apply(x, self.weight, self.bias)
+
+
+def route_linears_to_onednn(model) -> None:
+    """Every plain nn.Linear of `model` becomes a OneDNNLinear, in place. It keeps its
+    parameters and state dict, and is still an nn.Linear to LoRA, saving and deepcopy."""
+    for module in model.modules():
+        if type(module) is torch.nn.Linear:
+            module.__class__ = OneDNNLinear
+
+
+def choose_cpu_linear(cfg, device, compute_dtype: torch.dtype, width: int, resumed=None) -> tuple:
+    """-> (True to route linear layers through oneDNN, what was chosen and why: "" where
+    it does not apply). Only float32 compute on CPU: bf16 already goes to oneDNN. `auto`
+    times both at the model's width, as choose_cpu_autocast does; a resumed run (`resumed`:
+    the choice it started with) keeps its kernels, and so its order of sums."""
+    if device != "cpu" or compute_dtype != torch.float32:
+        return False, ""
+    if cfg.cpu_linear == "onednn" and not onednn_available():
+        raise plumbing.UsageError("--cpu_linear onednn but this PyTorch was built without oneDNN; "
+                                  "pass --cpu_linear torch")
+    if cfg.cpu_linear != "auto":
+        on, why = cfg.cpu_linear == "onednn", f"--cpu_linear {cfg.cpu_linear}"
+    elif resumed is not None:
+        on, why = resumed, "as when the run started; --cpu_linear auto"
+    elif not onednn_available():
+        on, why = False, "PyTorch built without oneDNN; --cpu_linear auto"
+    else:
+        blas = matmul_gflops(width, torch.float32)
+        onednn = matmul_gflops(width, torch.float32, linear=onednn_linear)
+        on = onednn > blas
+        why = f"width {width}: oneDNN {onednn:.0f} vs torch {blas:.0f} GFLOP/s; --cpu_linear auto"
+    return on, f"float32 linear layers by {'oneDNN' if on else 'torch'} ({why})"
 
 
 # -----------------------------------------------------------------------------

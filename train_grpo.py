@@ -101,6 +101,7 @@ class GRPOConfig:
     dtype: str = "auto"                   # auto (bfloat16 on CUDA, float32 on CPU) | bfloat16 | float32
     master_weights: bool = True           # bf16 weights: optimizer updates a float32 copy so small steps add up (+4 B/param)
     cpu_autocast: str = "auto"            # auto | on | off: bf16 autocast on CPU (auto = if the CPU has bf16 units)
+    cpu_linear: str = "auto"              # auto | onednn | torch: kernels of float32 linear layers on CPU (auto = the faster, timed)
     optimizer: str = "adamw8bit"          # adamw8bit (bitsandbytes) | adamw (torch)
     gradient_checkpointing: bool = True   # recompute activations in backward: less memory, more compute
     lora_rank: int = 0                    # LoRA adapters of this rank train instead of every weight (peft); 0 = full fine-tuning
@@ -138,7 +139,7 @@ PRESETS = {
 }
 CHOICES = {"task": data.TASKS, "preset": ("", *PRESETS), "loss_type": ("grpo", "dr_grpo", "dapo"),
            "device": ("auto", "cuda", "cpu"), "dtype": ("auto", "bfloat16", "float32"),
-           "cpu_autocast": ("auto", "on", "off"), "optimizer": ("adamw8bit", "adamw"),
+           "cpu_autocast": ("auto", "on", "off"), "cpu_linear": ("auto", "onednn", "torch"), "optimizer": ("adamw8bit", "adamw"),
            "sampler": ("auto", "groups", "static", "generate"), "compile": ("auto", "on", "off"),
            "report_to": tracking.BACKENDS}
 FIELD_HELP = {}  # filled from the trailing comments above, so --help and the source agree
@@ -668,6 +669,8 @@ def start_run(cfg: GRPOConfig, preloaded=None) -> tuple:
     if dist.is_main:
         tracking.require(cfg.report_to)  # a missing package fails now, not after loading the model
     device, dtype, device_line = precision.choose_runtime(cfg)
+    if device == "cpu":
+        precision.keep_freed_memory()
     log(dist, "config: " + json.dumps(dataclasses.asdict(cfg)))
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -688,16 +691,22 @@ def start_run(cfg: GRPOConfig, preloaded=None) -> tuple:
         if dist.is_main:
             plumbing.drop_samples_after(paths.samples, start_step)  # those steps run again
     # Timed once per run; rank 0 decides for all, and a resumed run keeps its numerics.
-    autocast, why = precision.choose_cpu_autocast(cfg, device, dtype, getattr(policy.config, "hidden_size", 1024),
-                                                  metrics.get("cpu_autocast"))
-    rank0_on = plumbing.all_reduce_floats([float(autocast is not None) if dist.is_main else 0.0], dist)[0] > 0
-    autocast = torch.bfloat16 if rank0_on else None
-    metrics["cpu_autocast"] = rank0_on
+    width = getattr(policy.config, "hidden_size", 1024)
+    autocast, why = precision.choose_cpu_autocast(cfg, device, dtype, width, metrics.get("cpu_autocast"))
+    onednn, linear_why = precision.choose_cpu_linear(cfg, device, autocast or dtype, width, metrics.get("cpu_onednn"))
+    chosen = [float(autocast is not None), float(onednn)] if dist.is_main else [0.0, 0.0]
+    autocast_on, onednn = (x > 0 for x in plumbing.all_reduce_floats(chosen, dist))
+    autocast = torch.bfloat16 if autocast_on else None
+    metrics["cpu_autocast"], metrics["cpu_onednn"] = autocast_on, onednn
+    for model in (policy, ref_model) if onednn else ():
+        if model is not None:
+            precision.route_linears_to_onednn(model)
+    why = ", ".join(w for w in (why, linear_why) if w)
     sampler = engine.choose_sampler(cfg.sampler, device)
     compiled = sampler == "groups" and engine.choose_compile(cfg.compile, device)
     sampler += " sampler" + (", compiled decode step" if compiled else "")
     processes = f"; {dist.world} processes ({torch.distributed.get_backend()})" if dist.world > 1 else ""
-    peak, source = precision.peak_flops(device, autocast or dtype, getattr(policy.config, "hidden_size", 1024))
+    peak, source = precision.peak_flops(device, autocast or dtype, width, onednn)
     matmul_params = sum(m.weight.numel() for m in policy.modules() if isinstance(m, torch.nn.Linear))
     metrics["runtime"] = {"device": f"{device_line}{f', {why}' if why else ''}; {sampler}{processes}; "
                                     f"MFU against {peak / 1e12:.3g} TFLOP/s ({source})",
