@@ -8,7 +8,6 @@ them off), and a fraction of a second at start for the timing.
 """
 
 import contextlib
-import ctypes
 import logging
 import time
 from pathlib import Path
@@ -36,25 +35,6 @@ def cpu_has_bf16() -> bool:
         except OSError:
             return False
         return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def keep_freed_memory() -> bool:
-    """Has glibc keep freed memory in the process instead of handing it back to the OS.
-
-    By default glibc returns each freed block over 32 MB at once, and the next allocation
-    of that size page-faults in fresh pages, which the kernel zeroes. A CPU step allocates
-    and frees blocks of tens of MB hundreds of times (a chunk of logits over the
-    vocabulary, each weight's gradient), and paid a third of its backward pass in those
-    faults. What it costs: the process keeps its peak memory until it exits. -> False where
-    the C library is not glibc (macOS, musl), which is left as it is."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    # Blocks up to 1 GB come from the heap; the heap shrinks only when 2 GB at its top are free.
-    return bool(mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -208,6 +188,8 @@ class OneDNNLinear(torch.nn.Linear):
     """An nn.Linear whose products, forward and backward, run through oneDNN."""
 
     def forward(self, x):
+        if torch.compiler.is_compiling():  # inductor picks its own kernels, and cannot lower this op on a plain weight
+            return super().forward(x)
         return _OneDNNLinearFunction.apply(x, self.weight, self.bias)
 
 

@@ -669,8 +669,6 @@ def start_run(cfg: GRPOConfig, preloaded=None) -> tuple:
     if dist.is_main:
         tracking.require(cfg.report_to)  # a missing package fails now, not after loading the model
     device, dtype, device_line = precision.choose_runtime(cfg)
-    if device == "cpu":
-        precision.keep_freed_memory()
     log(dist, "config: " + json.dumps(dataclasses.asdict(cfg)))
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)

@@ -111,7 +111,7 @@ def run_args(model_dir, out, batch_size, *extra):
             "--num_generations", "3", "--max_new_tokens", "8", "--num_iterations", "2", "--eval_size", "5",
             "--eval_every", "2", "--sample_every", "1", "--plot_every", "1", "--save_every", "0",
             "--optimizer", "adamw", "--learning_rate", "1e-3", "--num_inner_updates", "2", "--dtype", "float32",
-            "--cpu_autocast", "off",  # exact float32 sums: bf16 autocast would differ with batch layout
+            "--cpu_autocast", "off", "--cpu_linear", "torch",  # exact float32 sums, whatever the batch layout
             "--output_dir", str(out), *extra]
 
 

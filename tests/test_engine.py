@@ -96,7 +96,7 @@ def test_compiled_graphs_stay_the_same_over_training_steps_and_evals(tiny_model_
     argv = ["--model", tiny_model_dir, "--preset", "none", "--task", "arithmetic", "--num_iterations", "6",
             "--batch_size", "2", "--num_generations", "3", "--max_new_tokens", "8", "--eval_size", "104",
             "--eval_batch_size", "48", "--eval_every", "2", "--save_every", "0", "--compile", "on",
-            "--output_dir", str(tmp_path), "--cpu_autocast", "off"]
+            "--output_dir", str(tmp_path), "--cpu_autocast", "off", "--cpu_linear", "torch"]
     assert train_grpo.main(argv) == 0
     assert [n for n, _ in counts] == ["evaluate"] + ["grpo_step", "grpo_step", "evaluate"] * 3
     warm = counts[1][1]  # after the first eval and the first step

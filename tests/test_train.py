@@ -27,7 +27,7 @@ def tiny_args(model_dir, out, *extra):
     return ["--model", model_dir, "--preset", "none", "--task", "countdown", "--num_iterations", "2",
             "--batch_size", "2", "--num_generations", "3", "--max_new_tokens", "8", "--eval_size", "4",
             "--eval_every", "1", "--plot_every", "1", "--sample_every", "1", "--save_every", "1",
-            "--learning_rate", "1e-3", "--cpu_autocast", "off",  # timing-free, so separate runs compare exactly
+            "--learning_rate", "1e-3", "--cpu_autocast", "off", "--cpu_linear", "torch",  # untimed: runs compare
             "--output_dir", str(out), *extra]
 
 
