@@ -1,10 +1,11 @@
 """Device, numerics and the optimizer: which dtype a run computes in, and updates that survive it.
 
 What it buys: a bf16 model trains through float32 master weights with stochastic
-rounding, so steps far below bf16 precision still add up; CPU bf16 autocast is chosen by
-timing, since capability flags do not predict speed. What it costs: 4 bytes per
-parameter for the masters and one rounding pass per step (--master_weights false turns
-them off), and a fraction of a second at start for the timing.
+rounding, so steps far below bf16 precision still add up; CPU bf16 autocast, and the
+kernels of float32 linear layers on CPU, are chosen by timing, since capability flags do
+not predict speed. What it costs: 4 bytes per parameter for the masters and one rounding
+pass per step (--master_weights false turns them off), and a fraction of a second at
+start for the timing.
 """
 
 import contextlib
@@ -214,7 +215,7 @@ def choose_cpu_linear(cfg, device, compute_dtype: torch.dtype, width: int, resum
     if cfg.cpu_linear != "auto":
         on, why = cfg.cpu_linear == "onednn", f"--cpu_linear {cfg.cpu_linear}"
     elif resumed is not None:
-        on, why = resumed, "as when the run started; --cpu_linear auto"
+        on, why = resumed and onednn_available(), "as when the run started; --cpu_linear auto"
     elif not onednn_available():
         on, why = False, "PyTorch built without oneDNN; --cpu_linear auto"
     else:
