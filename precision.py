@@ -152,8 +152,8 @@ def autocast(device, autocast_dtype):
 # Float32 linear layers on CPU through oneDNN.
 #
 # What it buys: torch sends a float32 matmul on CPU to its BLAS (MKL in the x86 wheels),
-# and MKL runs its AVX2 code on AMD CPUs, at about half the rate oneDNN reaches with
-# AVX-512 on the same cores. What it costs: an autograd function of our own for the
+# and MKL is known to pick its AVX2 code on CPUs not Intel's, where oneDNN uses AVX-512:
+# on an AMD EPYC, MKL ran at less than half oneDNN's rate. What it costs: an autograd function of our own for the
 # backward, and sums in another order (float32 all the same, so results move by
 # rounding only).
 
