@@ -139,7 +139,8 @@ PRESETS = {
 }
 CHOICES = {"task": data.TASKS, "preset": ("", *PRESETS), "loss_type": ("grpo", "dr_grpo", "dapo"),
            "device": ("auto", "cuda", "cpu"), "dtype": ("auto", "bfloat16", "float32"),
-           "cpu_autocast": ("auto", "on", "off"), "cpu_linear": ("auto", "onednn", "torch"), "optimizer": ("adamw8bit", "adamw"),
+           "cpu_autocast": ("auto", "on", "off"), "cpu_linear": ("auto", "onednn", "torch"),
+           "optimizer": ("adamw8bit", "adamw"),
            "sampler": ("auto", "groups", "static", "generate"), "compile": ("auto", "on", "off"),
            "report_to": tracking.BACKENDS}
 FIELD_HELP = {}  # filled from the trailing comments above, so --help and the source agree
@@ -696,9 +697,10 @@ def start_run(cfg: GRPOConfig, preloaded=None) -> tuple:
     autocast_on, onednn = (x > 0 for x in plumbing.all_reduce_floats(chosen, dist))
     autocast = torch.bfloat16 if autocast_on else None
     metrics["cpu_autocast"], metrics["cpu_onednn"] = autocast_on, onednn
-    for model in (policy, ref_model) if onednn else ():
-        if model is not None:
-            precision.route_linears_to_onednn(model)
+    if onednn:
+        for model in (policy, ref_model):  # ref_model is None without KL and under LoRA
+            if model is not None:
+                precision.route_linears_to_onednn(model)
     why = ", ".join(w for w in (why, linear_why) if w)
     sampler = engine.choose_sampler(cfg.sampler, device)
     compiled = sampler == "groups" and engine.choose_compile(cfg.compile, device)
