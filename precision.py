@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import plumbing
 
@@ -153,9 +154,12 @@ def autocast(device, autocast_dtype):
 #
 # What it buys: torch sends a float32 matmul on CPU to its BLAS (MKL in the x86 wheels),
 # and MKL is known to pick its AVX2 code on CPUs not Intel's, where oneDNN uses AVX-512:
-# on an AMD EPYC, MKL ran at less than half oneDNN's rate. What it costs: an autograd function of our own for the
-# backward, and sums in another order (float32 all the same, so results move by
-# rounding only).
+# on an AMD EPYC, MKL ran at less than half oneDNN's rate. With autograd off (sampling,
+# eval, the reference model) a layer also keeps its weight reordered into oneDNN's
+# blocked layout, which a plain weight is reordered into on every call: decoding one
+# token a step over a few dozen rows is mostly that. What it costs: an autograd function
+# of our own for the backward, sums in another order (float32 all the same, so results
+# move by rounding only), and a second copy of each weight while its packed copy lives.
 
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
     """x W^T + b by oneDNN's float32 GEMM (the op torch.compile's CPU backend calls)."""
@@ -163,7 +167,33 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Ten
 
 
 def onednn_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+
+
+# oneDNN picks the blocked layout for a number of rows; a one-row hint picks a slow one
+# for batches, while any batch-sized hint served decode steps and scoring passes alike.
+PACK_ROWS = 64
+_optimizer_steps = 0  # a packed weight is kept for one value of this, see OneDNNLinear
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    # fused AdamW writes weights without bumping their version counter, so a packed copy
+    # cannot tell by itself that its weight moved: every optimizer step retires them all
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
+
+
+class _Packed:
+    """A layer's weight in oneDNN's layout and what it was made from. A deepcopy of the
+    layer starts without one: torch cannot copy the opaque tensor."""
+    key, weight = None, None
+
+    def __deepcopy__(self, memo):
+        return _Packed()
 
 
 class _OneDNNLinearFunction(torch.autograd.Function):
@@ -186,12 +216,26 @@ class _OneDNNLinearFunction(torch.autograd.Function):
 
 
 class OneDNNLinear(torch.nn.Linear):
-    """An nn.Linear whose products, forward and backward, run through oneDNN."""
+    """An nn.Linear whose products, forward and backward, run through oneDNN. Where no
+    gradient is needed it computes with a packed copy of its weight, made on first use
+    and kept while the weight's storage, version and the count of optimizer steps stay
+    as they were; a forward that needs gradients drops it (the weight is about to move)."""
 
     def forward(self, x):
         if torch.compiler.is_compiling():  # inductor picks its own kernels, and cannot lower this op on a plain weight
             return super().forward(x)
-        return _OneDNNLinearFunction.apply(x, self.weight, self.bias)
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            self.__dict__.pop("packed", None)
+            return _OneDNNLinearFunction.apply(x, self.weight, self.bias)
+        return onednn_linear(x, self.packed_weight(), self.bias)
+
+    def packed_weight(self) -> torch.Tensor:
+        w = self.weight
+        key = (w.data_ptr(), w._version, w.dtype, _optimizer_steps)
+        packed = self.__dict__.setdefault("packed", _Packed())
+        if packed.key != key:
+            packed.weight, packed.key = torch.ops.mkldnn._reorder_linear_weight(w.detach(), PACK_ROWS), key
+        return packed.weight
 
 
 def route_linears_to_onednn(model) -> None:

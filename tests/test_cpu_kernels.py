@@ -40,6 +40,42 @@ def test_a_onednn_linear_layer_matches_torch_forward_and_backward(bias):
 
 
 @needs_onednn
+@pytest.mark.parametrize("optimizer", ["sgd", "fused_adamw"])
+def test_without_autograd_a_layer_uses_a_packed_weight_until_the_weight_moves(optimizer):
+    """Sampling, eval and the reference run without autograd on a copy of each weight in
+    oneDNN's layout. It must never outlive its weight: fused AdamW writes weights without
+    bumping their version, so an optimizer step retires every packed copy."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(32, 48)
+    precision.route_linears_to_onednn(layer)
+    x = torch.randn(24, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+        packed = layer.packed.weight
+        assert packed.is_mkldnn
+        layer(x)
+        assert layer.packed.weight is packed  # made once, reused
+    copied = copy.deepcopy(layer)  # the reference is a deepcopy: the opaque copy stays behind
+    assert copied.packed.weight is None
+    opt = (torch.optim.SGD(layer.parameters(), lr=0.5) if optimizer == "sgd"
+           else torch.optim.AdamW(layer.parameters(), lr=0.5, fused=True))
+    layer(x).pow(2).sum().backward()
+    assert "packed" not in layer.__dict__  # a forward with autograd drops it: the weight is about to move
+    opt.step()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+        packed = layer.packed.weight
+    opt.zero_grad()
+    layer.weight.grad = torch.ones_like(layer.weight)  # a step with no forward before it
+    opt.step()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+        assert layer.packed.weight is not packed
+        layer.weight.mul_(2)  # an in-place write: the version counter moves
+        torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+
+
+@needs_onednn
 def test_a_routed_model_scores_and_learns_as_before(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
