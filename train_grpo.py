@@ -464,22 +464,45 @@ class Run(NamedTuple):
 LOGPROB_CHUNK_BYTES = 64 * 2**20  # float32 logits at once (Qwen: ~110 rows); larger chunks ran slower on CPU (docs/benchmarks.md)
 
 
-def _chunk_logprobs(head, hidden, targets, temperature):
-    """log softmax(head(hidden) / T)[target] and the entropy, for one chunk of rows."""
+class _TargetLogprob(torch.autograd.Function):
+    """(logits[target] - logz, logz), logz = logsumexp(logits). The gradient,
+    d logp / d logits = onehot(target) - softmax(logits), is written into the logits' own
+    storage (theirs alone: the chunk recomputes them for backward), so backward allocates
+    no (R, V) tensor; it is the very sum autograd forms, so gradients do not move."""
+
+    @staticmethod
+    def forward(ctx, logits, targets):
+        logz = torch.logsumexp(logits, dim=-1)                                       # (R,)
+        ctx.save_for_backward(logits, targets, logz)
+        ctx.mark_non_differentiable(logz)
+        return logits.gather(-1, targets[:, None]).squeeze(-1) - logz, logz
+
+    @staticmethod
+    def backward(ctx, grad, _):
+        logits, targets, logz = ctx.saved_tensors
+        grad_logits = logits.sub_(logz[:, None]).exp_().mul_(-grad[:, None])        # -g softmax
+        return grad_logits.scatter_add_(-1, targets[:, None], grad[:, None]), None  # + g at the target
+
+
+def _chunk_logprobs(head, hidden, targets, temperature, entropies=None):
+    """log softmax(head(hidden) / T)[target] for one chunk of rows, and its entropy
+    appended to `entropies` if given and still empty (backward's recompute of a
+    checkpointed chunk finds it filled, and skips the work)."""
     logits = head(hidden).float()                                        # (R, V)
     if temperature != 1.0:
         logits = logits / temperature
-    logz = torch.logsumexp(logits, dim=-1)                               # (R,)
-    logp = logits.gather(-1, targets[:, None]).squeeze(-1) - logz        # (R,)
-    with torch.no_grad():
-        probs = torch.exp(logits - logz[:, None])
-        entropy = logz - (probs * logits).sum(-1)                        # (R,)
-    return logp, entropy
+    logp, logz = _TargetLogprob.apply(logits, targets)
+    if entropies is not None and not entropies:
+        with torch.no_grad():
+            p_logits = (logits - logz[:, None]).exp_().mul_(logits)      # p * logits, one (R, V) tensor
+            entropies.append(logz - p_logits.sum(-1))                     # H = logz - sum p * logits
+    return logp
 
 
-def completion_logprobs(model, rollouts: engine.Rollouts, temperature: float, autocast=None, group_size: int = 1):
+def completion_logprobs(model, rollouts: engine.Rollouts, temperature: float, autocast=None, group_size: int = 1,
+                        entropy: bool = True):
     """(N, L) log-prob of each completion token under `model` at the sampling temperature,
-    and (N, L) entropies, both 0 outside the completion mask (padding after an end token,
+    and (N, L) entropies (None if not `entropy`), both 0 outside the completion mask (padding after an end token,
     which no loss reads: the head, the costliest part of a pass's elementwise work, runs on
     real tokens only); differentiable when grad is enabled. The head runs in row chunks
     under activation checkpointing, so backward recomputes a chunk's logits instead of
@@ -494,18 +517,18 @@ def completion_logprobs(model, rollouts: engine.Rollouts, temperature: float, au
         rows = max(1, LOGPROB_CHUNK_BYTES // (4 * head.weight.shape[0]))
         logps, ents = [], []
         for i in range(0, len(real), rows):
-            args = (head, flat_h[i:i + rows], flat_t[i:i + rows], temperature)
+            box = [] if entropy else None
+            args = (head, flat_h[i:i + rows], flat_t[i:i + rows], temperature, box)
             if torch.is_grad_enabled():
-                lp, ent = checkpoint(_chunk_logprobs, *args, use_reentrant=False)
+                logps.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False))
             else:
-                lp, ent = _chunk_logprobs(*args)
-            logps.append(lp)
-            ents.append(ent)
+                logps.append(_chunk_logprobs(*args))
+            ents += box or []
     zeros = hidden.new_zeros(N * L, dtype=torch.float32)
     if not logps:
-        return zeros.view(N, L), zeros.view(N, L)
+        return zeros.view(N, L), zeros.view(N, L) if entropy else None
     return (zeros.index_copy(0, real, torch.cat(logps)).view(N, L),
-            zeros.index_copy(0, real, torch.cat(ents)).view(N, L))
+            zeros.index_copy(0, real, torch.cat(ents)).view(N, L) if entropy else None)
 
 
 # -----------------------------------------------------------------------------
@@ -1025,7 +1048,8 @@ def policy_update(run: Run, rollouts: engine.Rollouts, advantages) -> dict:
         if not parts:
             return mask.float()
         with torch.no_grad():
-            return torch.cat([completion_logprobs(model, rollouts.rows(s), cfg.temperature, run.autocast, group)[0]
+            return torch.cat([completion_logprobs(model, rollouts.rows(s), cfg.temperature, run.autocast, group,
+                                                  entropy=False)[0]
                               for s in parts])
 
     clock = plumbing.PhaseClock(mask.device)
