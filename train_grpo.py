@@ -502,9 +502,9 @@ def _chunk_logprobs(head, hidden, targets, temperature, entropies=None):
 def completion_logprobs(model, rollouts: engine.Rollouts, temperature: float, autocast=None, group_size: int = 1,
                         entropy: bool = True):
     """(N, L) log-prob of each completion token under `model` at the sampling temperature,
-    and (N, L) entropies (None if not `entropy`), both 0 outside the completion mask (padding after an end token,
-    which no loss reads: the head, the costliest part of a pass's elementwise work, runs on
-    real tokens only); differentiable when grad is enabled. The head runs in row chunks
+    and (N, L) entropies (None if not `entropy`), both 0 outside the completion mask
+    (padding after an end token, which no loss reads: the head, the costliest part of a
+    pass's elementwise work, runs on real tokens only); differentiable when grad is enabled. The head runs in row chunks
     under activation checkpointing, so backward recomputes a chunk's logits instead of
     keeping all N * L * V of them."""
     input_ids, P = rollouts.input_ids, rollouts.prompt_len
