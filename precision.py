@@ -224,7 +224,8 @@ class OneDNNLinear(torch.nn.Linear):
     def forward(self, x):
         if torch.compiler.is_compiling():  # inductor picks its own kernels, and cannot lower this op on a plain weight
             return super().forward(x)
-        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+        trainable = self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad)
+        if torch.is_grad_enabled() and (x.requires_grad or trainable):  # the packed op has no backward
             self.__dict__.pop("packed", None)
             return _OneDNNLinearFunction.apply(x, self.weight, self.bias)
         return onednn_linear(x, self.packed_weight(), self.bias)

@@ -76,6 +76,21 @@ def test_without_autograd_a_layer_uses_a_packed_weight_until_the_weight_moves(op
 
 
 @needs_onednn
+def test_a_trainable_bias_beside_a_frozen_weight_still_gets_its_gradient():
+    """The packed path has no backward, so any trainable parameter keeps a layer off it."""
+    torch.manual_seed(0)
+    plain = torch.nn.Linear(8, 4)
+    routed = copy.deepcopy(plain)
+    precision.route_linears_to_onednn(routed)
+    x = torch.randn(3, 8)
+    for layer in (plain, routed):
+        layer.weight.requires_grad_(False)
+        (layer(x) * torch.arange(4.0)).sum().backward()
+    assert routed.bias.grad is not None
+    torch.testing.assert_close(routed.bias.grad, plain.bias.grad)
+
+
+@needs_onednn
 def test_a_routed_model_scores_and_learns_as_before(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
