@@ -504,9 +504,9 @@ def completion_logprobs(model, rollouts: engine.Rollouts, temperature: float, au
     """(N, L) log-prob of each completion token under `model` at the sampling temperature,
     and (N, L) entropies (None if not `entropy`), both 0 outside the completion mask
     (padding after an end token, which no loss reads: the head, the costliest part of a
-    pass's elementwise work, runs on real tokens only); differentiable when grad is enabled. The head runs in row chunks
-    under activation checkpointing, so backward recomputes a chunk's logits instead of
-    keeping all N * L * V of them."""
+    pass's elementwise work, runs on real tokens only); differentiable when grad is enabled.
+    The head runs in row chunks under activation checkpointing, so backward recomputes a
+    chunk's logits instead of keeping all N * L * V of them."""
     input_ids, P = rollouts.input_ids, rollouts.prompt_len
     with precision.autocast(input_ids.device, autocast):
         hidden = engine.completion_hidden_states(model, rollouts, group_size)  # (N, L, H) predicts tokens P..
